@@ -1,0 +1,131 @@
+"""What every entry script runs: parse the options, check them, dispatch to train or test, and turn
+user errors into one line on stderr with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from federated.strategies import STRATEGIES, describe
+from options import REAL_DATA_RESOLUTION, SYNTHETIC_RESOLUTION, parse_options
+from utils.console import Console
+from utils.errors import UserError
+
+
+def check_options(opts: argparse.Namespace) -> None:
+    """Flag values that are wrong whatever the data; each message names the flag."""
+    positive = {"epochs": opts.epochs, "local_ep": opts.local_ep, "local_bs": opts.local_bs, "bs": opts.bs,
+                "chans": opts.chans, "num_pools": opts.num_pools, "eval_every": opts.eval_every,
+                "lr_step": opts.lr_step}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{flag} {value}: must be at least 1")
+    if opts.num_users is not None and opts.num_users < 1:
+        raise UserError(f"--num_users {opts.num_users}: must be at least 1")
+    if not 0 < opts.frac <= 1:
+        raise UserError(f"--frac {opts.frac}: must be in (0, 1]")
+    for flag in ("sample_rate", "val_sample_rate"):
+        if not 0 < getattr(opts, flag) <= 1:
+            raise UserError(f"--{flag} {getattr(opts, flag)}: must be in (0, 1]")
+    if opts.lr <= 0:
+        raise UserError(f"--lr {opts.lr}: must be positive")
+    if not 0 <= opts.drop_prob < 1:
+        raise UserError(f"--drop_prob {opts.drop_prob}: must be in [0, 1)")
+    if opts.resolution is not None and opts.resolution < 2 ** opts.num_pools:
+        raise UserError(f"--resolution {opts.resolution}: must be at least 2**--num_pools = {2 ** opts.num_pools}")
+    if opts.num_workers < 0:
+        raise UserError(f"--num_workers {opts.num_workers}: must be 0 or more")
+    # Mask flags are checked where masks are made; make one now so a bad value fails before any work.
+    from data.subsample import create_mask_for_mask_type
+    create_mask_for_mask_type(opts.mask_type, opts.center_fractions, opts.accelerations)
+
+
+def uses_synthetic(opts: argparse.Namespace) -> bool:
+    return opts.data_root is None and opts.sites is None
+
+
+def default_resolution(opts: argparse.Namespace) -> int:
+    """The synthetic sites' size; else what the sites file declares; else the paper's crop."""
+    if uses_synthetic(opts):
+        return SYNTHETIC_RESOLUTION
+    from data.sites import declared_resolution
+    declared = declared_resolution(Path(opts.data_root) if opts.data_root else None,
+                                   Path(opts.sites) if opts.sites else None)
+    return declared or REAL_DATA_RESOLUTION
+
+
+def default_save_dir(opts: argparse.Namespace) -> str:
+    train = opts.train_dataset.replace(",", "")
+    return str(Path("runs") / f"{opts.strategy}-{train}-to-{opts.test_dataset}-{opts.sequence}")
+
+
+def resume_command(prog: str, save_dir: str) -> str:
+    return f"python {prog} --resume {shlex.quote(save_dir)}"
+
+
+def main(argv: Sequence[str] | None, prog: str, default_strategy: str, description: str) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = parse_options(argv, prog, default_strategy, description)
+    log = Console(quiet=opts.quiet, verbose=opts.verbose)
+    try:
+        return run(opts, argv, prog, log)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> int:
+    from federated.server import RunStopped, train
+
+    if opts.strategy == "list":
+        print(describe())
+        return 0
+    if opts.strategy not in STRATEGIES:
+        raise UserError(f"--strategy {opts.strategy}: unknown; choose one of {', '.join(STRATEGIES)} "
+                        "(`--strategy list` describes them)")
+    if opts.resume:
+        opts = resumed_options(opts, argv)
+    if opts.resolution is None:
+        opts.resolution = default_resolution(opts)
+    check_options(opts)
+    if opts.save_dir is None:
+        opts.save_dir = default_save_dir(opts)
+    if uses_synthetic(opts):
+        log.info("Using the synthetic sites (no --data_root or --sites given); "
+                 "point it at real data with --data_root DIR or --sites FILE (see README).")
+    if opts.phase == "test":
+        from federated.inference import test
+        test(opts, log)
+        return 0
+    strategy = STRATEGIES[opts.strategy](opts)
+    try:
+        train(opts, strategy, log)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last complete round is saved in {opts.save_dir}/last.pt. "
+              f"Continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
+        return 130
+    except RunStopped as e:
+        print(f"{prog}: stopped: {e}. The last complete round is in {opts.save_dir}/last.pt; "
+              f"continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def resumed_options(opts: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """--resume DIR: the saved run's options, with the few that may change taken from this command."""
+    import json
+
+    saved = Path(opts.resume) / "options.json"
+    if not saved.is_file():
+        raise UserError(f"--resume {opts.resume}: no run there (no options.json); pass the --save_dir of a run")
+    try:
+        values = json.loads(saved.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{saved}: unreadable ({e}); cannot continue this run") from None
+    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    explicit = {k: getattr(opts, k) for k in ("epochs", "quiet", "verbose", "num_workers", "device") if k in given}
+    resumed = argparse.Namespace(**{**values, **explicit})
+    resumed.save_dir, resumed.continues, resumed.resume = opts.resume, True, None
+    return resumed

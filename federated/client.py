@@ -1,0 +1,107 @@
+"""A client (one hospital, or one share of a site's volumes) and its local update."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from federated.strategies.base import Strategy
+
+State = dict[str, torch.Tensor]
+
+
+class ClientFailure(RuntimeError):
+    """A client's local update could not produce usable weights (an exception or a non-finite loss)."""
+
+
+@dataclass
+class Client:
+    """Everything a client keeps between rounds.
+
+    `dataset` yields `UnetSample`s of its training slices and has `set_epoch(seed)`; `generator`
+    drives its shuffling and training masks so that every client's randomness is its own and is
+    saved in checkpoints.
+    """
+    name: str
+    site: str
+    dataset: Dataset
+    num_slices: int
+    generator: torch.Generator
+    local_weights: State = field(default_factory=dict)  # entries the strategy keeps local
+    optimizer_state: dict | None = None
+    scheduler_state: dict | None = None
+    extra: dict = field(default_factory=dict)  # the strategy's own per-client state
+
+
+@dataclass
+class LocalResult:
+    state: State
+    loss: float
+    logs: dict[str, float]
+    optimizer_state: dict
+    scheduler_state: dict
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+                num_workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False)
+
+
+def local_update(client: Client, model: nn.Module, strategy: Strategy, global_state: State,
+                 opts, device: torch.device) -> LocalResult:
+    """Train `model` on the client's data for `opts.local_ep` epochs, starting from the strategy's
+    choice of weights; RMSprop and StepLR (stepped once per round) persist across rounds.
+
+    Raises ClientFailure when the mean loss is not finite.
+    """
+    model.load_state_dict(strategy.local_state(client, global_state))
+    model.train()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=opts.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opts.lr_step, gamma=opts.lr_gamma)
+    if client.optimizer_state is not None:
+        # A copy: the optimizer updates its state in place, and a failed update must leave none behind.
+        optimizer.load_state_dict(copy.deepcopy(client.optimizer_state))
+        scheduler.load_state_dict(client.scheduler_state)
+
+    loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
+    loss_sum = torch.zeros((), device=device)
+    log_sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for _ in range(opts.local_ep):
+        # A fresh, reproducible mask for every slice in every epoch, whatever the number of workers.
+        client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
+        for batch in loader:
+            image = batch.image.unsqueeze(1).to(device, non_blocking=True)
+            target = batch.target.unsqueeze(1).to(device, non_blocking=True)
+            loss, logs = strategy.training_loss(client, model, batch, image, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Kept on the device: no host sync per step.
+            loss_sum += loss.detach()
+            for k, v in logs.items():
+                log_sums[k] = log_sums.get(k, 0) + v
+            steps += 1
+    scheduler.step()
+
+    if steps == 0:
+        raise ClientFailure("no training batches")
+    mean_loss = loss_sum.item() / steps
+    if not math.isfinite(mean_loss):
+        raise ClientFailure(f"the training loss is {mean_loss}")
+    strategy.end_local(client, model)
+    return LocalResult(
+        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        loss=mean_loss,
+        logs={k: float(v) / steps for k, v in log_sums.items()},
+        optimizer_state=optimizer.state_dict(),  # the optimizer dies here: no copy needed
+        scheduler_state=scheduler.state_dict(),
+    )

@@ -1,0 +1,109 @@
+"""From options to data: which sites, which clients, which evaluation sets.
+
+This is the one place that turns flags into datasets; the round loop receives the result.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from data.mri_data import SliceDataset, subsample_volumes
+from data.sites import ClientSpec, Site, assign_clients, parse_site_list, registry_for
+from data.subsample import create_mask_for_mask_type
+from data.synthetic import SyntheticConfig, ensure_synthetic_sites
+from data.transforms import UnetDataTransform
+from federated.client import Client
+from federated.strategies.base import Strategy
+from utils.errors import UserError
+
+
+@dataclass
+class Experiment:
+    """The sites and clients of one run.
+
+    `clients` train; `eval_sites` (test site first) are evaluated on `split` by `eval_set`.
+    """
+    registry: dict[str, Site]
+    clients: list[Client]
+    train_sites: list[str]
+    test_site: str
+    eval_sites: list[str]
+    synthetic_root: Path | None
+
+
+def resolve_registry(opts: argparse.Namespace) -> tuple[dict[str, Site], Path | None]:
+    """The site registry, generating the synthetic sites first when no data was named."""
+    if opts.data_root is None and opts.sites is None:
+        root = ensure_synthetic_sites(SyntheticConfig(resolution=opts.resolution),
+                                      Path(opts.synthetic_dir) if opts.synthetic_dir else None,
+                                      progress=not opts.quiet)
+        return with_challenge(registry_for(root, None), opts.challenge), root
+    data_root = Path(opts.data_root) if opts.data_root else None
+    sites_file = Path(opts.sites) if opts.sites else None
+    if data_root is not None and not data_root.is_dir():
+        raise UserError(f"--data_root {data_root}: no such folder; point it at the folder holding one "
+                        "subfolder per site (F, H, I, B) or a sites.json")
+    if sites_file is not None and not sites_file.is_file():
+        raise UserError(f"--sites {sites_file}: no such file; see 'Use your own data' in the README")
+    return with_challenge(registry_for(data_root, sites_file), opts.challenge), None
+
+
+def with_challenge(registry: dict[str, Site], challenge: str) -> dict[str, Site]:
+    """--challenge multicoil makes every fastMRI HDF5 site multicoil (a sites file can also say so
+    per site); image sites are single-coil by nature."""
+    if challenge == "singlecoil":
+        return registry
+    return {k: replace(s, challenge=challenge) if s.format == "fastmri_h5" else s for k, s in registry.items()}
+
+
+def site_dataset(site: Site, files: list[Path], opts: argparse.Namespace, train: bool) -> SliceDataset:
+    """A site's slices through the U-Net transform. Training draws a fresh mask per slice and epoch;
+    evaluation seeds masks from the file name (the same for every slice of a volume and every run)."""
+    mask = create_mask_for_mask_type(opts.mask_type, opts.center_fractions, opts.accelerations)
+    transform = UnetDataTransform(site.challenge, mask, use_seed=not train,
+                                  crop_size=(opts.resolution, opts.resolution))
+    return SliceDataset(files, transform, fmt=site.format, challenge=site.challenge,
+                        resolution=opts.resolution, slice_range=site.slice_range)
+
+
+def eval_set(exp: Experiment, site_name: str, split: str, opts: argparse.Namespace) -> SliceDataset:
+    """The `split` slices of one site, masks seeded from the file names."""
+    site = exp.registry[site_name]
+    files = subsample_volumes(site.files(opts.sequence, split), opts.val_sample_rate, opts.seed)
+    return site_dataset(site, files, opts, train=False)
+
+
+def _client(group: list[ClientSpec], index: int, opts: argparse.Namespace) -> Client:
+    parts = [site_dataset(spec.site, list(spec.train_files), opts, train=True) for spec in group]
+    dataset = parts[0] if len(parts) == 1 else ConcatSliceDataset(parts)
+    generator = torch.Generator().manual_seed(opts.seed * 1000 + index + 1)
+    name = group[0].name if len(group) == 1 else "+".join(spec.name for spec in group)
+    return Client(name=name, site=group[0].site.name, dataset=dataset, num_slices=len(dataset),
+                  generator=generator)
+
+
+class ConcatSliceDataset(torch.utils.data.ConcatDataset):
+    """Several sites' slices as one client's data (the pooled baseline)."""
+
+    def set_epoch(self, seed: int | None) -> None:
+        for d in self.datasets:
+            d.set_epoch(seed)
+
+
+def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment:
+    registry, synthetic_root = resolve_registry(opts)
+    train_sites = parse_site_list(opts.train_dataset, registry, "--train_dataset")
+    test_sites = parse_site_list(opts.test_dataset, registry, "--test_dataset")
+    if len(test_sites) != 1:
+        raise UserError(f"--test_dataset {opts.test_dataset}: name exactly one target site")
+    test_site = test_sites[0]
+    num_users = opts.num_users if opts.num_users is not None else len(train_sites)
+    specs = assign_clients([registry[s] for s in train_sites], num_users, opts.sequence,
+                           opts.sample_rate, opts.seed)
+    groups = strategy.arrange_clients([[spec] for spec in specs])
+    clients = [_client(group, i, opts) for i, group in enumerate(groups)]
+    eval_sites = [test_site] + [s for s in train_sites if s != test_site]
+    return Experiment(registry, clients, train_sites, test_site, eval_sites, synthetic_root)

@@ -1,0 +1,126 @@
+"""The interface every federated method answers for the shared round loop (`federated/server.py`).
+
+A method is one subclass in its own file plus one line in `federated/strategies/__init__.py`. The
+server calls the hooks in this order each round:
+
+    prepare, init_client (once) ->
+    begin_round -> for each selected client: [local_state -> training_loss per batch -> end_local]
+    -> aggregate -> end_round -> evaluation through eval_state
+
+The base class is FedAvg: everything shared, weights uniform or by slices, plain L1 loss, one global
+model evaluated everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from federated.aggregation import weighted_average
+from models.unet import Unet
+
+if TYPE_CHECKING:
+    from data.transforms import UnetSample
+    from federated.client import Client
+    from federated.experiment import Experiment
+
+State = dict[str, torch.Tensor]
+
+
+class Strategy:
+    name = "fedavg"
+    summary = "FedAvg (FL-MR): every client trains locally, all weights are averaged"
+    personalized = False  # True: each client keeps its own model, evaluated on its own data
+
+    def __init__(self, opts: argparse.Namespace):
+        self.opts = opts
+
+    # ---- flags -------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this method's own flags to the shared parser."""
+
+    # ---- model and partition of its weights --------------------------------------------------
+    def build_model(self, clients: list[Client]) -> nn.Module:
+        o = self.opts
+        return Unet(chans=o.chans, num_pool_layers=o.num_pools, drop_prob=o.drop_prob, norm=o.norm)
+
+    def is_shared(self, key: str) -> bool:
+        """Whether state_dict entry `key` is aggregated (True) or stays with each client (False)."""
+        return True
+
+    def arrange_clients(self, groups: list[list[Any]]) -> list[list[Any]]:
+        """Group client data specs into clients; each inner list becomes one client (see `central`)."""
+        return groups
+
+    # ---- per-client state --------------------------------------------------------------------
+    def prepare(self, exp: Experiment, model: nn.Module, device: torch.device) -> None:
+        """Called once with the run's sites and clients, before `init_client` (e.g. to load data
+        the method needs beyond the clients' own)."""
+
+    def init_client(self, client: Client, model: nn.Module) -> None:
+        """Create what this method keeps per client (in `client.extra`) before the first round."""
+
+    def client_state(self, client: Client) -> dict:
+        """What `init_client` created, as tensors and plain values, for the checkpoint."""
+        return {}
+
+    def load_client_state(self, client: Client, state: dict) -> None:
+        """Restore what `client_state` returned."""
+
+    def client_weights(self, clients: list[Client]) -> list[float]:
+        """Aggregation weight of each client: equal (the paper) or its number of training slices."""
+        if self.opts.weighting == "samples":
+            return [float(c.num_slices) for c in clients]
+        return [1.0] * len(clients)
+
+    def local_state(self, client: Client, global_state: State) -> State:
+        """The weights a client starts its local update from: the global weights, with its own
+        local entries where it has them."""
+        return {**global_state, **client.local_weights}
+
+    # ---- the round ---------------------------------------------------------------------------
+    def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:
+        """Called once before the clients train in round `rnd` (1-based)."""
+
+    def training_loss(self, client: Client, model: nn.Module, batch: UnetSample,
+                      image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one local step; `image`, `target` are (B, 1, H, W) on the device.
+
+        Returns the loss to minimise and detached values to log (averaged over the client's steps).
+        """
+        loss = nn.functional.l1_loss(model(image), target)
+        return loss, {}
+
+    def end_local(self, client: Client, model: nn.Module) -> None:
+        """Called after a client's local update succeeded, with the model holding its new weights."""
+
+    def aggregate(self, global_state: State, client_states: list[State], weights: list[float]) -> State:
+        """New global weights from the clients' weights; entries that are not shared keep their old value."""
+        shared = [k for k in global_state if self.is_shared(k)]
+        return {**global_state, **weighted_average(client_states, weights, shared)}
+
+    def end_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> list[dict]:
+        """Called after aggregation; returns extra metric rows for metrics.csv (e.g. a domain gap)."""
+        return []
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def eval_state(self, global_state: State, client: Client | None) -> State:
+        """Weights evaluated for `client` (None: a site no client trains on)."""
+        if client is None:
+            return global_state
+        return {**global_state, **client.local_weights}
+
+    def forward(self, model: nn.Module, image: torch.Tensor, client: Client | None) -> torch.Tensor:
+        """Reconstruction (B, 1, H, W) of `image` for `client` (personalised models take the site)."""
+        return model(image)
+
+    # ---- checkpointing of method state -------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Method-level state (not per client) needed to resume bit for bit."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,148 @@
+"""FL-MRCM (Guo et al., CVPR 2021): FedAvg plus cross-site modelling. Every source client keeps its own
+discriminator (never averaged) that tells its U-Net bottleneck latents from the target site's; the
+U-Net learns to reconstruct its own data while making both latents fool that discriminator, so the
+shared encoder maps every site into the target's latent distribution. Target images carry no labels.
+
+A client that is itself the target site trains with the supervised loss only, as in the paper.
+
+`--mrcm_target images` (the paper's simulation): each source reads unlabelled target images and the
+adversarial gradient moves the encoder on both sources' and target's images.
+`--mrcm_target features`: at the start of each round the target site encodes its images with the
+current global model and shares only the pooled latent vectors; no target image leaves the target
+site, and only the source latents are pulled towards the (fixed for the round) target latents.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data.mri_data import subsample_volumes
+from federated.client import Client, make_loader
+from federated.domain_gap import pooled_latents
+from federated.experiment import Experiment, site_dataset
+from federated.strategies.base import State, Strategy
+from models.discriminator import LatentDiscriminator, pool_latent
+
+SOURCE, TARGET = 0, 1  # discriminator classes
+
+
+class MRCM(Strategy):
+    name = "mrcm"
+    summary = ("FL-MRCM: FedAvg + a local discriminator per source client aligning U-Net latents "
+               "with the target site's")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--lambda_adv", type=float, default=1.0,
+                           help="weight of the adversarial loss on the U-Net (0: FL-MR's updates exactly)")
+        group.add_argument("--disc_lr_mult", type=float, default=10.0,
+                           help="discriminator learning rate as a multiple of --lr (RMSprop)")
+        group.add_argument("--mrcm_target", choices=["images", "features"], default="images",
+                           help="what the target site shares: unlabelled images (paper), or only "
+                                "latent vectors computed by the global model each round")
+        group.add_argument("--mrcm_bank", type=int, default=512,
+                           help="with --mrcm_target features: latent vectors the target shares per round")
+
+    def prepare(self, exp: Experiment, model: nn.Module, device: torch.device) -> None:
+        o = self.opts
+        self.device = device
+        self.target_site = exp.test_site
+        site = exp.registry[exp.test_site]
+        files = subsample_volumes(site.files(o.sequence, "train"), o.sample_rate, o.seed)
+        # Undersampled like any training input; only `.image` is read, never the target.
+        self.target_images = site_dataset(site, files, o, train=True)
+        self.bank_generator = torch.Generator().manual_seed(_seed(o.seed, "bank"))
+        self.bank: torch.Tensor | None = None
+
+    def is_source(self, client: Client) -> bool:
+        return client.site != self.target_site
+
+    def init_client(self, client: Client, model: nn.Module) -> None:
+        if not self.is_source(client):
+            return
+        # Its own seed: creating discriminators must not shift the random numbers U-Net training uses.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.opts.seed, client.name))
+            disc = LatentDiscriminator(in_features=4 * model.latent_channels).to(self.device)
+        client.extra = {
+            "disc": disc,
+            "disc_opt": torch.optim.RMSprop(disc.parameters(), lr=self.opts.lr * self.opts.disc_lr_mult),
+            "target_generator": torch.Generator().manual_seed(_seed(self.opts.seed, "target-" + client.name)),
+        }
+
+    def client_state(self, client: Client) -> dict:
+        if not client.extra:
+            return {}
+        return {"disc": client.extra["disc"].state_dict(), "disc_opt": client.extra["disc_opt"].state_dict(),
+                "target_generator": client.extra["target_generator"].get_state()}
+
+    def load_client_state(self, client: Client, state: dict) -> None:
+        if state:
+            client.extra["disc"].load_state_dict(state["disc"])
+            client.extra["disc_opt"].load_state_dict(state["disc_opt"])
+            client.extra["target_generator"].set_state(state["target_generator"])
+
+    def state_dict(self) -> dict:
+        return {"bank_generator": self.bank_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank_generator.set_state(state["bank_generator"])
+
+    def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:
+        if self.opts.mrcm_target == "features":
+            model.load_state_dict(global_state)
+            self.target_images.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=self.bank_generator)))
+            self.bank = pooled_latents(model, self.target_images, self.device, self.opts.mrcm_bank,
+                                       self.opts.local_bs)
+        for client in clients:
+            if self.is_source(client) and self.opts.mrcm_target == "images":
+                client.extra["target_batches"] = self._target_batches(client.extra["target_generator"])
+
+    def _target_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Endless (B, 1, H, W) undersampled target images, reshuffled with fresh masks every pass."""
+        loader = make_loader(self.target_images, self.opts.local_bs, True, generator,
+                             self.opts.num_workers, self.device)
+        while True:
+            self.target_images.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+            for batch in loader:
+                yield batch.image.unsqueeze(1).to(self.device, non_blocking=True)
+
+    def training_loss(self, client, model, batch, image, target):
+        if not self.is_source(client):
+            return super().training_loss(client, model, batch, image, target)
+        output, latent = model.forward_with_latent(image)
+        recon = F.l1_loss(output, target)
+        source = pool_latent(latent)
+        if self.opts.mrcm_target == "images":
+            # Target images need only the encoder: the decoder never runs on them.
+            target_latent = pool_latent(model.encode(next(client.extra["target_batches"])))
+        else:
+            idx = torch.randint(len(self.bank), (len(source),), generator=client.extra["target_generator"])
+            target_latent = self.bank[idx.to(self.bank.device)]
+        labels = torch.cat([torch.full((len(source),), SOURCE), torch.full((len(target_latent),), TARGET)])
+        labels = labels.to(source.device)
+
+        disc, disc_opt = client.extra["disc"], client.extra["disc_opt"]
+        disc.requires_grad_(True)
+        logits = disc(torch.cat([source.detach(), target_latent.detach()]))
+        disc_loss = F.cross_entropy(logits, labels)
+        disc_opt.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        disc_opt.step()
+
+        # The U-Net's turn: both sites' latents should be classified as the other site. The
+        # discriminator is frozen so this backward pass reaches only the U-Net.
+        disc.requires_grad_(False)
+        adv = F.cross_entropy(disc(torch.cat([source, target_latent])), 1 - labels)
+        loss = recon + self.opts.lambda_adv * adv
+        logs = {"recon_loss": recon.detach(), "adv_loss": adv.detach(), "disc_loss": disc_loss.detach(),
+                "disc_acc": (logits.argmax(1) == labels).float().mean()}
+        return loss, logs
+
+
+def _seed(seed: int, name: str) -> int:
+    return seed * 1_000_003 + zlib.crc32(name.encode())

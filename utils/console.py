@@ -1,0 +1,28 @@
+"""What a run prints: progress bars on a terminal, messages that do not break them, warnings on stderr."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Console:
+    def __init__(self, quiet: bool = False, verbose: bool = False):
+        self.quiet = quiet
+        self.show_verbose = verbose
+        # Bars only for a person watching: not with --quiet, not into a file or a pipe.
+        self.quiet_bars = quiet or not sys.stderr.isatty()
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg, file=sys.stdout)
+
+    def verbose(self, msg: str) -> None:
+        if self.show_verbose:
+            tqdm.write(msg, file=sys.stdout)
+
+    def warn(self, msg: str) -> None:
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+    def table(self, text: str) -> None:
+        tqdm.write(text, file=sys.stdout)
