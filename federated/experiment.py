@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,8 +17,10 @@ from data.subsample import create_mask_for_mask_type
 from data.synthetic import SyntheticConfig, ensure_synthetic_sites
 from data.transforms import UnetDataTransform
 from federated.client import Client
-from federated.strategies.base import Strategy
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from federated.strategies.base import Strategy
 
 
 @dataclass
