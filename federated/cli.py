@@ -57,8 +57,15 @@ def default_resolution(opts: argparse.Namespace) -> int:
 
 
 def default_save_dir(opts: argparse.Namespace) -> str:
+    """runs/<strategy>-<train>-to-<test>-<sequence>, numbered -2, -3, ... when that already holds a
+    run: a folder the user did not choose is never refused (--continues takes the unnumbered one)."""
     train = opts.train_dataset.replace(",", "")
-    return str(Path("runs") / f"{opts.strategy}-{train}-to-{opts.test_dataset}-{opts.sequence}")
+    base = Path("runs") / f"{opts.strategy}-{train}-to-{opts.test_dataset}-{opts.sequence}"
+    candidate, n = base, 1
+    while not opts.continues and (candidate / "options.json").exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
 
 
 def resume_command(prog: str, save_dir: str) -> str:

@@ -65,3 +65,19 @@ def test_sigkill_mid_round_then_resume_gives_the_same_weights(tiny_root, tmp_pat
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     b = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_keeps_the_last_round_and_prints_the_resume_command(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    args = TINY_RUN + ["--data_root", str(tiny_root), "--epochs", "50", "--save_dir", str(run)]
+    proc = subprocess.Popen([sys.executable, "main_fl_mr.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"--resume {run}" in err and "Traceback" not in err
+    assert torch.load(run / "last.pt", weights_only=True)["round"] >= 1
+    assert not list(run.glob("*.tmp"))
