@@ -41,6 +41,11 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
     if set(ckpt["clients"]) != set(by_name):
         raise UserError(f"{opts.checkpoint}: its clients {sorted(ckpt['clients'])} are not the ones "
                         f"these options make ({sorted(by_name)})")
+    # As in training: the per-client state a method keeps (e.g. FL-MRCM's discriminators) must exist
+    # before the checkpoint's values can be loaded into it.
+    strategy.prepare(exp, model, device)
+    for c in exp.clients:
+        strategy.init_client(c, model)
     for name, saved_client in ckpt["clients"].items():
         by_name[name].local_weights = saved_client["local_weights"]
         strategy.load_client_state(by_name[name], saved_client["extra"])

@@ -1,0 +1,237 @@
+"""Paper figures from a grid's runs, each written as PNG and PDF:
+
+- `accel_<group>`: SSIM and PSNR on the target site against the acceleration, one line per method
+  (grids whose runs differ in `--accelerations`, e.g. accel_sweep.json);
+- `curves_<group>`: validation PSNR on the target site and training loss against the round;
+- `recon_<group>`: one test slice -- zero-filled input, each method's reconstruction, ground truth --
+  with the error maps below (runs of a grid with `"test_phase": true`).
+
+A group is one combination of the axes other than the rows (methods) and seeds, e.g. `T1_H`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.results import GridResults, RunResult, mean_std  # noqa: E402
+
+Groups = dict[tuple[str, ...], list[RunResult]]
+
+
+def make_figures(results: GridResults, out: Path, volume: str | None = None,
+                 slice_index: int | None = None) -> list[Path]:
+    """Every figure the grid's finished runs allow; returns the files written."""
+    out = Path(out)
+    runs = [r for r in results.runs if r.finished]
+    spec = results.grid["table"]
+    per_method = {spec.get("rows"), spec.get("seeds")} - {None}
+    written = []
+    for key, members in groups(results, runs, per_method | accel_axes(runs)).items():
+        if len({acceleration(r) for r in members}) > 1:
+            written += accel_figure(results, members, out / f"accel_{_slug(key)}", _title(results, key))
+    for key, members in groups(results, runs, per_method).items():
+        written += curves_figure(results, members, out / f"curves_{_slug(key)}", _title(results, key))
+        written += recon_figure(results, members, out / f"recon_{_slug(key)}", _title(results, key),
+                                volume, slice_index)
+    return written
+
+
+# ---- grouping -----------------------------------------------------------------------------------
+def groups(results: GridResults, runs: list[RunResult], exclude: set[str]) -> Groups:
+    """Runs keyed by their values on the grid's axes other than `exclude`."""
+    axes = [a for a in results.grid["axes"] if a not in exclude]
+    out: Groups = {}
+    for run in runs:
+        out.setdefault(tuple(run.coords.get(a, "") for a in axes), []).append(run)
+    return out
+
+
+def accel_axes(runs: list[RunResult]) -> set[str]:
+    """Axes whose values set the acceleration: each value one acceleration, not all the same."""
+    found = set()
+    for axis in {a for r in runs for a in r.coords}:
+        per_value: dict[str, set[float]] = {}
+        for r in runs:
+            per_value.setdefault(r.coords.get(axis, ""), set()).add(acceleration(r))
+        if all(len(v) == 1 for v in per_value.values()) and len(set.union(*per_value.values())) > 1:
+            found.add(axis)
+    return found
+
+
+def acceleration(run: RunResult) -> float:
+    return float(run.options["accelerations"][0])
+
+
+def method(results: GridResults, run: RunResult) -> str:
+    rows = results.grid["table"].get("rows")
+    return results.label(rows, run.coords.get(rows, run.name)) if rows else run.name
+
+
+def _methods(results: GridResults, runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    """Runs by method label, in grid order (seeds of one method together)."""
+    out: dict[str, list[RunResult]] = {}
+    for run in runs:
+        out.setdefault(method(results, run), []).append(run)
+    return out
+
+
+def _title(results: GridResults, key: tuple[str, ...]) -> str:
+    spec = results.grid["table"]
+    axes = [a for a in results.grid["axes"] if a not in (spec.get("rows"), spec.get("seeds"))]
+    return ", ".join(f"{a} {results.label(a, v)}" for a, v in zip(axes, key) if v)
+
+
+def _slug(key: tuple[str, ...]) -> str:
+    return "_".join(v for v in key if v) or "all"
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=120, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+    plt.close(fig)
+    return paths
+
+
+# ---- figures ------------------------------------------------------------------------------------
+def accel_figure(results: GridResults, runs: list[RunResult], stem: Path, title: str) -> list[Path]:
+    """SSIM and PSNR against acceleration; error bars are the std over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, members in _methods(results, runs).items():
+        xs = sorted({acceleration(r) for r in members})
+        for ax, m in zip(axes, ("psnr", "ssim")):
+            stats = [mean_std([r.final_scores(r.target)[m] for r in members if acceleration(r) == x]) for x in xs]
+            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], marker="o", capsize=3,
+                        label=name)
+    zf = sorted({(acceleration(r), r.zero_filled(r.target)["psnr"], r.zero_filled(r.target)["ssim"]) for r in runs})
+    for ax, i, m in ((axes[0], 1, "PSNR (dB)"), (axes[1], 2, "SSIM")):
+        ax.plot([z[0] for z in zf], [z[i] for z in zf], "k--", marker=".", label="zero-filled")
+        ax.set_xlabel("acceleration")
+        ax.set_ylabel(m)
+        ticks = sorted({z[0] for z in zf})
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def curves_figure(results: GridResults, runs: list[RunResult], stem: Path, title: str) -> list[Path]:
+    """Validation PSNR on the target site and mean training loss against the round."""
+    fig, (ax_psnr, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, members in _methods(results, runs).items():
+        curves = [r.val_curve(r.target) for r in members]
+        rounds = [k for k, _, _ in curves[0]]
+        ax_psnr.plot(rounds, np.mean([[p for _, p, _ in c] for c in curves], axis=0),
+                     marker=".", label=name)
+        losses = [r.train_loss() for r in members]
+        ax_loss.plot([k for k, _ in losses[0]], np.mean([[v for _, v in l] for l in losses], axis=0),
+                     marker=".", label=name)
+    zf = runs[0].zero_filled(runs[0].target)
+    if zf is not None:
+        ax_psnr.axhline(zf["psnr"], color="k", ls="--", lw=1, label="zero-filled")
+    ax_psnr.set(xlabel="round", ylabel=f"val PSNR on {runs[0].target} (dB)")
+    ax_loss.set(xlabel="round", ylabel="train L1 loss (mean over clients)", yscale="log")
+    for ax in (ax_psnr, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_loss.legend(*ax_psnr.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def recon_figure(results: GridResults, runs: list[RunResult], stem: Path, title: str,
+                 volume: str | None, slice_index: int | None) -> list[Path]:
+    """Zero-filled, each method and the ground truth on one test slice of the target site, with
+    |image - ground truth| below each; needs the runs' `--phase test` outputs. Uses each method's
+    lowest seed."""
+    recons: dict[str, Path] = {}
+    for name, members in _methods(results, runs).items():
+        run = min(members, key=lambda r: int(r.options["seed"]))
+        folder = test_folder(run)
+        if folder is not None:
+            recons[name] = folder
+    if not recons:
+        return []
+    first = next(iter(recons.values()))
+    volume = volume or sorted(p.stem for p in first.glob("*.h5"))[0]
+    ref = reference(runs[0], volume)
+    index = len(ref.slice_nums) // 2 if slice_index is None else slice_index
+    if not 0 <= index < len(ref.slice_nums):
+        from utils.errors import UserError
+        raise UserError(f"--slice {index}: volume {volume} has slices 0..{len(ref.slice_nums) - 1}")
+    truth = ref.target[index]
+    maxval = float(ref.target.max())
+    images = {"zero-filled": ref.zero_filled[index]}
+    for name, folder in recons.items():
+        with h5py.File(folder / f"{volume}.h5", "r") as f:
+            images[name] = f["reconstruction"][index]
+    caption = f"{volume}, slice {ref.slice_nums[index]} (test split)"
+    return _save(_recon_panels(images, truth, maxval, f"{title}: {caption}" if title else caption), stem)
+
+
+def _recon_panels(images: dict[str, np.ndarray], truth: np.ndarray, maxval: float, title: str):
+    from utils.metrics import psnr, ssim
+
+    n = len(images) + 1
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.3), squeeze=False)
+    errors = {k: np.abs(v - truth) for k, v in images.items()}
+    emax = max(float(e.max()) for e in errors.values()) or 1.0
+    for i, (name, img) in enumerate(images.items()):
+        score = f"{psnr(truth[None], img[None], maxval):.2f} dB / {ssim(truth[None], img[None], maxval):.3f}"
+        axes[0, i].imshow(img, cmap="gray", vmin=0, vmax=maxval)
+        axes[0, i].set_title(f"{name}\n{score}", fontsize=7)
+        axes[1, i].imshow(errors[name], cmap="inferno", vmin=0, vmax=emax)
+    axes[0, -1].imshow(truth, cmap="gray", vmin=0, vmax=maxval)
+    axes[0, -1].set_title("ground truth", fontsize=7)
+    axes[1, 0].set_ylabel("|image - truth|", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1, -1].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def test_folder(run: RunResult) -> Path | None:
+    """The run's `--phase test` reconstructions on its target site: `<site>` for a global model,
+    `<client>-on-<site>` for a personalised one (the first client in name order)."""
+    root = run.path / "test" / "reconstructions"
+    found = sorted(p for p in root.glob("*") if p.name == run.target or p.name.endswith(f"-on-{run.target}"))
+    return found[0] if found else None
+
+
+def reference(run: RunResult, volume: str):
+    """Ground truth and zero-filled input of test volume `volume` on the run's target site, made from
+    the data exactly as the test phase made the model's input (same masks, same crop)."""
+    import torch
+
+    from federated.evaluation import reconstruct_volumes
+    from federated.experiment import Experiment, eval_set, resolve_registry
+    from utils.errors import UserError
+
+    opts = argparse.Namespace(**{**run.options, "quiet": True})
+    registry, _ = resolve_registry(opts)
+    exp = Experiment(registry, [], [], run.target, [run.target], None)
+    for vol in reconstruct_volumes(eval_set(exp, run.target, "test", opts), None, opts.bs, 0, torch.device("cpu")):
+        if _stem(vol.fname) == volume:
+            return vol
+    raise UserError(f"--volume {volume}: no such test volume on site {run.target}")
+
+
+def _stem(fname: str) -> str:
+    """File name without .h5 / .nii / .nii.gz, as the test phase names its outputs."""
+    for suffix in (".nii.gz", ".nii", ".h5"):
+        if fname.endswith(suffix):
+            return fname[: -len(suffix)]
+    return fname
