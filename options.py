@@ -65,7 +65,8 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                            "~/.cache/fedrecon/synthetic)")
     data.add_argument("--train_dataset", "--train_datasets", dest="train_dataset", default="BFHI",
                       help="training sites: letters (BFHI) or comma-separated names")
-    data.add_argument("--test_dataset", default="H", help="target site evaluated every round")
+    data.add_argument("--test_dataset", default=None,
+                      help="target site evaluated every round (default: H; with --phase test: the run's own)")
     data.add_argument("--sequence", default="T1", help="sequence subfolder of every site (T1, T2, ...)")
     data.add_argument("--resolution", type=int, default=None,
                       help=f"square crop of every image (default: {SYNTHETIC_RESOLUTION} for the synthetic "

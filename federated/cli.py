@@ -13,6 +13,8 @@ from options import REAL_DATA_RESOLUTION, SYNTHETIC_RESOLUTION, parse_options
 from utils.console import Console
 from utils.errors import UserError
 
+DEFAULT_TEST_SITE = "H"
+
 
 def check_options(opts: argparse.Namespace) -> None:
     """Flag values that are wrong whatever the data; each message names the flag."""
@@ -94,6 +96,8 @@ def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> i
                         "(`--strategy list` describes them)")
     if opts.resume:
         opts = resumed_options(opts, argv)
+    if opts.test_dataset is None and opts.phase == "train":
+        opts.test_dataset = DEFAULT_TEST_SITE
     if opts.resolution is None:
         opts.resolution = default_resolution(opts)
     check_options(opts)

@@ -31,6 +31,8 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
     ckpt = load_checkpoint(Path(opts.checkpoint))
     saved = ckpt["options"]
     opts = argparse.Namespace(**{**vars(opts), **{k: saved[k] for k in MODEL_OPTIONS if k in saved}})
+    if opts.test_dataset is None:
+        opts.test_dataset = saved["test_dataset"]
     out = Path(opts.save_dir) / "test"
     device = resolve_device(opts.device)
     strategy = STRATEGIES[opts.strategy](opts)

@@ -95,3 +95,12 @@ def test_unseen_target_features_mode_runs(tiny_root, tmp_path):
     assert run_cli(args, "main_fl_mrcm.py", "mrcm") == 0
     rows = read_metrics(tmp_path / "run")
     assert {r["model"] for r in rows if r["split"] == "train"} == {"F", "H", "I"}
+
+
+def test_test_phase_loads_discriminators(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(TINY_RUN + UNSEEN + ["--data_root", str(tiny_root), "--save_dir", str(run)],
+                   "main_fl_mrcm.py", "mrcm") == 0
+    assert run_cli(["--phase", "test", "--checkpoint", str(run / "last.pt"), "--data_root", str(tiny_root),
+                    "--save_dir", str(run), "--quiet"], "main_fl_mrcm.py", "mrcm") == 0
+    assert sorted(p.name for p in (run / "test" / "reconstructions").iterdir()) == ["B", "F", "H", "I"]

@@ -81,7 +81,9 @@ class MRCM(Strategy):
                 "target_generator": client.extra["target_generator"].get_state()}
 
     def load_client_state(self, client: Client, state: dict) -> None:
-        if state:
+        # A test of a checkpoint may name another target site: a client's role can differ from
+        # training, and its discriminator is then not needed.
+        if state and client.extra:
             client.extra["disc"].load_state_dict(state["disc"])
             client.extra["disc_opt"].load_state_dict(state["disc_opt"])
             client.extra["target_generator"].set_state(state["target_generator"])
