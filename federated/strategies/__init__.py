@@ -2,10 +2,22 @@
 from federated.strategies.base import Strategy
 from federated.strategies.fedavg import FedAvg
 from federated.strategies.mrcm import MRCM
+from federated.strategies.fedprox import FedProx
+from federated.strategies.fedbn import FedBN
+from federated.strategies.fedmri import FedMRI
+from federated.strategies.pfl import PersonalizedFL
+from federated.strategies.local import Local
+from federated.strategies.central import Central
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [
     FedAvg,
     MRCM,
+    FedProx,
+    FedBN,
+    FedMRI,
+    PersonalizedFL,
+    Local,
+    Central,
 ]}
 
 

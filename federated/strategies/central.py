@@ -1,0 +1,15 @@
+"""Centralised training (upper bound): the training sites' data pooled into one client that trains
+one model; evaluated like FedAvg, the one model on every site."""
+from __future__ import annotations
+
+from typing import Any
+
+from federated.strategies.base import Strategy
+
+
+class Central(Strategy):
+    name = "central"
+    summary = "Central: all training sites pooled into one model (the upper bound, no federation)"
+
+    def arrange_clients(self, groups: list[list[Any]]) -> list[list[Any]]:
+        return [[spec for group in groups for spec in group]]

@@ -1,0 +1,12 @@
+"""Local training (single-site baseline): every client trains alone on its own data and nothing is
+ever exchanged; each client's model is evaluated on its own site (and on an unseen test site)."""
+from federated.strategies.base import Strategy
+
+
+class Local(Strategy):
+    name = "local"
+    summary = "Local: each client trains alone, no weights are exchanged (single-site baseline)"
+    personalized = True
+
+    def is_shared(self, key: str) -> bool:
+        return False
