@@ -13,7 +13,7 @@ from federated.strategies import STRATEGIES
 
 # With no arguments at all an entry script runs this small configuration on the synthetic sites,
 # sized to finish in a few minutes on 2 CPU cores. `--demo` asks for it explicitly.
-DEMO_DEFAULTS = dict(epochs=5, chans=16, local_ep=2, local_bs=4, lr=1e-3, eval_every=1)
+DEMO_DEFAULTS = dict(epochs=5, chans=16, local_ep=2, local_bs=4, lr=3e-4, eval_every=1)
 
 SYNTHETIC_RESOLUTION = 128  # the synthetic sites' matrix size unless --resolution says otherwise
 REAL_DATA_RESOLUTION = 256  # the FL-MRCM crop size for real data
