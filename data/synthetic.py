@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.phantom import HEAD_HEIGHT_RATIO, TISSUES, sample_head, smooth_field
+from data.transforms import center_crop, fft2c_np as fft2c, ifft2c_np as ifft2c
 from utils.errors import UserError
 
 __all__ = [
@@ -175,25 +176,6 @@ def native_size(site: str, resolution: int) -> int:
 def kspace_shape(site: str, resolution: int) -> tuple[int, int]:
     """(H_k, W_k) of an HDF5 site: readout oversampled 2x; H also encodes R/8 extra columns."""
     return 2 * resolution, resolution + (resolution // 8 if site == "H" else 0)
-
-
-def fft2c(image: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D FFT over the last two axes."""
-    shifted = np.fft.ifftshift(image, axes=(-2, -1))
-    return np.fft.fftshift(np.fft.fft2(shifted, norm="ortho"), axes=(-2, -1))
-
-
-def ifft2c(kspace: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D inverse FFT over the last two axes (as `fastmri.ifft2c`)."""
-    shifted = np.fft.ifftshift(kspace, axes=(-2, -1))
-    return np.fft.fftshift(np.fft.ifft2(shifted, norm="ortho"), axes=(-2, -1))
-
-
-def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Centre crop of the last two axes, with fastMRI's offsets `(n - size) // 2`."""
-    h0 = (x.shape[-2] - size[0]) // 2
-    w0 = (x.shape[-1] - size[1]) // 2
-    return x[..., h0:h0 + size[0], w0:w0 + size[1]]
 
 
 def _kspace_window(shape: tuple[int, int], sharpness: float) -> np.ndarray:
