@@ -5,7 +5,8 @@ volumes among 1, 4 or 16 clients (16, 4 or 1 volumes per client), so every round
 4 x 16 volumes with the same number of full batches. Each timed round is the project's
 `federated.server.run_round` (every client's local update, then aggregation) after one untimed
 round (from round 2 on, every client also restores its optimiser state). Rounds of the three
-settings alternate in one process. The growth is split into aggregation and the rest of the
+settings alternate in one process; the figures are the best of the timed rounds (the least
+disturbed by other work on the machine), with the spread. The growth is split into aggregation and the rest of the
 per-client cost; `bare steps` is the same number of RMSprop + L1 steps on in-memory tensors.
 
     python -m bench.client_scaling                     # demo: chans 16, 128, bs 4, 16 x 4 volumes of 4 slices
@@ -20,15 +21,15 @@ import time
 import torch
 from torch.nn import functional as F
 
-from bench.common import (base_parser, interleaved, load_average, med, prepare_run, run_options, setup,
-                          spread, synthetic_root)
+from bench.common import (base_parser, interleaved, load_average, prepare_run, run_options, setup, spread,
+                          synthetic_root)
 from federated.client import make_loader
 
 CLIENTS = (4, 16, 64)
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__.split("\n")[0], default_repeats=2)
+    p = base_parser(__doc__.split("\n")[0], default_repeats=3)
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the scale's first)")
     p.add_argument("--slices", type=int, default=None,
                    help="slices per volume, a multiple of the batch size (default: the batch size)")
@@ -82,18 +83,18 @@ def main(argv=None) -> None:
     sides["bare steps"] = bare
     times = interleaved(sides, args.repeats)
     base_n = args.clients[0]
-    base = med(times[f"{base_n} clients"])
-    ref = med(times["bare steps"])
+    base = min(times[f"{base_n} clients"])
+    ref = min(times["bare steps"])
     print(f"  bare steps: {ref:.2f} s ({spread(times['bare steps'])})")
     for n in runs:
-        t = med(times[f"{n} clients"])
-        agg = med(agg_time[n][1:])  # the untimed first round left out
+        t = min(times[f"{n} clients"])
+        agg = min(agg_time[n][1:])  # the untimed first round left out
         extra = (t - base) / (n - base_n) if n != base_n else float("nan")
         print(f"  {n:3d} clients ({total_slices // n:4d} slices each): round {t:7.2f} s ({spread(times[f'{n} clients'])}) "
               f"= {t / base:.3f} x {base_n} clients, {t / ref:.3f} x bare steps; aggregation {agg * 1e3:7.1f} ms; "
               + (f"{extra * 1e3:7.1f} ms per client added" if n != base_n else ""), flush=True)
     print(f"client_scaling ({scale.name}): round time " + ", ".join(
-        f"{n} clients {med(times[f'{n} clients']) / base:.3f}x" for n in runs)
+        f"{n} clients {min(times[f'{n} clients']) / base:.3f}x" for n in runs)
         + f" (of {base_n} clients); load average now {load_average()}")
 
 
