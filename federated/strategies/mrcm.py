@@ -40,8 +40,8 @@ class MRCM(Strategy):
         group.add_argument("--lambda_adv", type=float, default=1.0,
                            help="weight of the adversarial loss on the U-Net (0: FL-MR's updates exactly)")
         group.add_argument("--disc_lr_mult", type=float, default=10.0,
-                           help="discriminator learning rate as a multiple of --lr (RMSprop; the paper's 10). Keep "
-                                "--lr x this at or below about 3e-3: at 1e-2 the discriminator oscillates")
+                           help="discriminator learning rate as a multiple of --lr (RMSprop; the paper's 10, with "
+                                "--lr 1e-4). At --lr 1e-3, 10x makes the discriminator oscillate: try 3")
         group.add_argument("--mrcm_target", choices=["images", "features"], default="images",
                            help="what the target site shares: unlabelled images (paper), or only "
                                 "latent vectors computed by the global model each round")
