@@ -136,7 +136,9 @@ def resumed_options(opts: argparse.Namespace, argv: list[str]) -> argparse.Names
     except json.JSONDecodeError as e:
         raise UserError(f"{saved}: unreadable ({e}); cannot continue this run") from None
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    explicit = {k: getattr(opts, k) for k in ("epochs", "quiet", "verbose", "num_workers", "device") if k in given}
-    resumed = argparse.Namespace(**{**values, **explicit})
+    explicit = {k: getattr(opts, k) for k in ("epochs", "quiet", "verbose", "num_workers", "device", "amp")
+                if k in given}
+    # Defaults first: a run saved before an option existed continues with that option's default.
+    resumed = argparse.Namespace(**{**vars(opts), **values, **explicit})
     resumed.save_dir, resumed.continues, resumed.resume = opts.resume, True, None
     return resumed

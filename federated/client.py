@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from federated.precision import autocast
+
 if TYPE_CHECKING:
     from federated.strategies.base import Strategy
 
@@ -81,7 +83,8 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
         for batch in loader:
             image = batch.image.unsqueeze(1).to(device, non_blocking=True)
             target = batch.target.unsqueeze(1).to(device, non_blocking=True)
-            loss, logs = strategy.training_loss(client, model, batch, image, target)
+            with autocast(opts, device):
+                loss, logs = strategy.training_loss(client, model, batch, image, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

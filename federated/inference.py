@@ -10,6 +10,7 @@ import numpy as np
 
 from federated.evaluation import reconstruct_volumes
 from federated.experiment import build_experiment, eval_set
+from federated.precision import autocast_forward
 from federated.server import evaluation_plan, resolve_device
 from federated.strategies import STRATEGIES
 from utils.checkpoint import load_checkpoint
@@ -59,7 +60,7 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
     rows = []
     for label, client, site in evaluation_plan(strategy, exp):
         model.load_state_dict(strategy.eval_state(ckpt["model"], client))
-        predict = lambda x: strategy.forward(model, x, client)
+        predict = autocast_forward(lambda x: strategy.forward(model, x, client), opts, device)
         folder = out / "reconstructions" / (site if label == "global" else f"{label}-on-{site}")
         folder.mkdir(parents=True, exist_ok=True)
         model_scores, zf_scores, figure_rows = [], [], []

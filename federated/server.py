@@ -17,6 +17,7 @@ from federated.client import Client, ClientFailure, local_update
 from federated.domain_gap import mmd2, pooled_latents
 from federated.evaluation import evaluate
 from federated.experiment import Experiment, build_experiment, eval_set
+from federated.precision import autocast_forward
 from federated.strategies.base import State, Strategy
 from models.unet import load_pretrained
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -101,8 +102,8 @@ def evaluate_round(rnd: int, model: nn.Module, strategy: Strategy, exp: Experime
         start = time.perf_counter()
         model.load_state_dict(strategy.eval_state(state.global_state, client))
         model.eval()
-        scores = evaluate(eval_sets[site], lambda x: strategy.forward(model, x, client),
-                          opts.bs, opts.num_workers, device)["model"]
+        predict = autocast_forward(lambda x: strategy.forward(model, x, client), opts, device)
+        scores = evaluate(eval_sets[site], predict, opts.bs, opts.num_workers, device)["model"]
         rows.append({"round": rnd, "model": label, "site": site, "split": "val", **scores,
                      "seconds": time.perf_counter() - start})
     if not strategy.personalized:
