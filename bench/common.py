@@ -205,3 +205,19 @@ def prepare_run(opts: argparse.Namespace) -> Run:
     state = RunState(global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                      server_generator=torch.Generator().manual_seed(opts.seed))
     return Run(opts, strategy, exp, model, state, device)
+
+
+def client_summary(clients) -> str:
+    """'B (32 slices), F (32 slices), ...' for a benchmark's header line."""
+    return ", ".join(f"{c.name} ({c.num_slices} slices)" for c in clients)
+
+
+def compare_rounds(runs: dict[str, Run], repeats: int) -> tuple[dict[str, float], list[float], str]:
+    """Interleaved timed rounds of two prepared runs A and B (in `runs` order). Returns the median
+    seconds of each, the ratio B / A of every pair, and a line with both times and their spreads."""
+    times = interleaved({name: run.round for name, run in runs.items()}, repeats)
+    (a, ta), (b, tb) = times.items()
+    pairs = [y / x for x, y in zip(ta, tb)]
+    line = (f"  {a} round {med(ta):.2f} s ({spread(ta)}) | {b} round {med(tb):.2f} s ({spread(tb)}) | "
+            f"pairs {b}/{a} {', '.join(f'{x:.3f}' for x in pairs)}")
+    return {a: med(ta), b: med(tb)}, pairs, line

@@ -13,8 +13,8 @@ Target: FL-MRCM / FL-MR <= 1.5.
 """
 from __future__ import annotations
 
-from bench.common import (base_parser, interleaved, load_average, med, prepare_run, run_options, setup,
-                          spread, synthetic_root, verdict)
+from bench.common import (base_parser, client_summary, compare_rounds, load_average, prepare_run,
+                          run_options, setup, synthetic_root, verdict)
 
 TARGET = 1.5
 
@@ -40,14 +40,11 @@ def main(argv=None) -> None:
             for name in ("fedavg", "mrcm")}
     clients = runs["fedavg"].exp.clients
     print(f"scale {scale.name}: chans {scale.chans}, {resolution}x{resolution}, batch {bs}, local_ep 1, "
-          f"clients {', '.join(f'{c.name} ({c.num_slices} slices)' for c in clients)}, target "
+          f"clients {client_summary(clients)}, target "
           f"{args.test_dataset}, --mrcm_target {args.mrcm_target}; {args.repeats} timed rounds each")
-    times = interleaved({name: run.round for name, run in runs.items()}, args.repeats)
-    fl, mrcm = med(times["fedavg"]), med(times["mrcm"])
-    pairs = [m / f for f, m in zip(times["fedavg"], times["mrcm"])]
-    ratio = mrcm / fl
-    print(f"  FL-MR round {fl:.2f} s ({spread(times['fedavg'])}) | FL-MRCM round {mrcm:.2f} s "
-          f"({spread(times['mrcm'])}) | pairs {', '.join(f'{x:.3f}' for x in pairs)}")
+    medians, _, line = compare_rounds(runs, args.repeats)
+    ratio = medians["mrcm"] / medians["fedavg"]
+    print(line)
     print(f"mrcm_overhead ({scale.name}): FL-MRCM / FL-MR = {ratio:.3f}; target <= {TARGET} -> "
           f"{verdict(ratio <= TARGET)}; load average now {load_average()}")
 
