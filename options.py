@@ -40,8 +40,8 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per loader")
     run.add_argument("--amp", choices=["off", "bf16"], default="off",
                      help="bf16: forward passes in bfloat16 autocast (weights and checkpoints stay float32). "
-                          "Faster on CUDA GPUs from Ampere on and on CPUs with bf16 instructions "
-                          "(AVX512-BF16, AMX); slower elsewhere")
+                          "Meant for CUDA GPUs from Ampere on and CPUs with bf16 instructions "
+                          "(AVX512-BF16, AMX)")
     run.add_argument("--checkpoint", default=None, help="checkpoint to evaluate with --phase test")
     run.add_argument("--pretrained", default=None,
                      help="start from these U-Net weights (a fastMRI U-Net state_dict or Lightning checkpoint)")
