@@ -2,9 +2,9 @@
 
 Both runs are set up as `federated.server.train` sets them up (same seed, sites, clients, model); each
 timed round is `federated.server.run_round` (every client's local update, then aggregation). Rounds
-of the two settings alternate in one process. bfloat16 autocast is fast only where the hardware has
-bfloat16 arithmetic (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX): the machine line says
-which CPU ran it, and its flags are printed.
+of the two settings alternate in one process. bfloat16 autocast is meant for hardware with bfloat16
+arithmetic (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX): the machine line says which CPU
+ran it, and its bfloat16 flags are printed.
 
     python -m bench.amp_speedup                    # demo: chans 16, 128, bs 4, FedAvg on BFHI
     python -m bench.amp_speedup --scale paper      # chans 32, 256, bs 16
