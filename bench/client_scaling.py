@@ -19,10 +19,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.nn import functional as F
 
 from bench.common import (base_parser, interleaved, load_average, prepare_run, run_options, setup, spread,
-                          synthetic_root)
+                          synthetic_root, timed_steps)
 from federated.client import make_loader
 
 CLIENTS = (4, 16, 64)
@@ -69,13 +68,7 @@ def main(argv=None) -> None:
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4)
 
     def bare() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = F.l1_loss(model(image), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - start
+        return timed_steps(model, opt, [(image, target)] * steps)
 
     print(f"scale {scale.name}: chans {scale.chans}, {resolution}x{resolution}, batch {bs}, local_ep 1; "
           f"{total_slices} training slices = {steps} steps per round; {args.repeats} timed rounds each")

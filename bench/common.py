@@ -154,6 +154,19 @@ def interleaved(sides: dict[str, Callable[[], float | None]], repeats: int,
     return times
 
 
+def timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds for plain L1 training steps over in-memory (B, 1, H, W) (image, target) batches: the
+    bare PyTorch loop the benchmarks compare the project's own code against."""
+    start = time.perf_counter()
+    for image, target in batches:
+        loss = torch.nn.functional.l1_loss(model(image), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

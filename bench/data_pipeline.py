@@ -18,10 +18,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.nn import functional as F
 
 from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
-                          spread, synthetic_root, verdict)
+                          spread, synthetic_root, timed_steps, verdict)
 from federated.client import make_loader
 from federated.experiment import site_dataset
 
@@ -48,13 +47,7 @@ def training_steps(model, image, target, steps: int):
 
     def run() -> float:
         model.train()
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = F.l1_loss(model(image), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - start
+        return timed_steps(model, opt, [(image, target)] * steps)
     return run
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.nn import functional as F
 
 from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
-                          spread, synthetic_root, verdict)
+                          spread, synthetic_root, timed_steps, verdict)
 from federated.client import local_update, make_loader
 
 TARGET = 0.95
@@ -31,14 +30,7 @@ def bare_loop(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     def run() -> float:
         model.load_state_dict(start_state)
         model.train()
-        opt = torch.optim.RMSprop(model.parameters(), lr=lr)
-        start = time.perf_counter()
-        for image, target in batches:
-            loss = F.l1_loss(model(image), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - start
+        return timed_steps(model, torch.optim.RMSprop(model.parameters(), lr=lr), batches)
     return run
 
 
