@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     print(f"scale {scale.name}: {args.strategy}, chans {scale.chans}, {resolution}x{resolution}, batch "
           f"{scale.local_bs}, local_ep 1, clients {client_summary(clients)}; "
           f"CPU bfloat16 flags: {bf16_cpu_flags()}; {args.repeats} timed rounds each")
-    medians, _, line = compare_rounds(runs, args.repeats)
+    medians, line = compare_rounds(runs, args.repeats)
     print(line)
     print(f"amp_speedup ({scale.name}): float32 / bf16 round time = {medians['off'] / medians['bf16']:.3f} "
           f"(above 1: --amp bf16 is faster); load average now {load_average()}")

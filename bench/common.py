@@ -225,12 +225,12 @@ def client_summary(clients) -> str:
     return ", ".join(f"{c.name} ({c.num_slices} slices)" for c in clients)
 
 
-def compare_rounds(runs: dict[str, Run], repeats: int) -> tuple[dict[str, float], list[float], str]:
+def compare_rounds(runs: dict[str, Run], repeats: int) -> tuple[dict[str, float], str]:
     """Interleaved timed rounds of two prepared runs A and B (in `runs` order). Returns the median
-    seconds of each, the ratio B / A of every pair, and a line with both times and their spreads."""
+    seconds of each, and a line with both times, their spreads and the ratio B / A of every pair."""
     times = interleaved({name: run.round for name, run in runs.items()}, repeats)
     (a, ta), (b, tb) = times.items()
     pairs = [y / x for x, y in zip(ta, tb)]
     line = (f"  {a} round {med(ta):.2f} s ({spread(ta)}) | {b} round {med(tb):.2f} s ({spread(tb)}) | "
             f"pairs {b}/{a} {', '.join(f'{x:.3f}' for x in pairs)}")
-    return {a: med(ta), b: med(tb)}, pairs, line
+    return {a: med(ta), b: med(tb)}, line

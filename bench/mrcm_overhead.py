@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     print(f"scale {scale.name}: chans {scale.chans}, {resolution}x{resolution}, batch {bs}, local_ep 1, "
           f"clients {client_summary(clients)}, target "
           f"{args.test_dataset}, --mrcm_target {args.mrcm_target}; {args.repeats} timed rounds each")
-    medians, _, line = compare_rounds(runs, args.repeats)
+    medians, line = compare_rounds(runs, args.repeats)
     ratio = medians["mrcm"] / medians["fedavg"]
     print(line)
     print(f"mrcm_overhead ({scale.name}): FL-MRCM / FL-MR = {ratio:.3f}; target <= {TARGET} -> "
