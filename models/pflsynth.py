@@ -87,7 +87,8 @@ class ResnetGenerator(nn.Module):
         bias = norm != "batch"
         stages: list[nn.Module] = [
             nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(1, ngf, 7, bias=bias), make_norm(norm, ngf), nn.ReLU(True)),
-            *(nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=bias), make_norm(norm, 2 * c), nn.ReLU(True))
+            *(nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=bias), make_norm(norm, 2 * c),
+                            nn.ReLU(True))
               for c in (ngf, 2 * ngf)),
             *(ResidualBlock(4 * ngf, norm, dropout) for _ in range(n_blocks)),
             *(nn.Sequential(nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),

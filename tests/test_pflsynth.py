@@ -1,0 +1,226 @@
+"""pFLSynth's generator, discriminator, losses and the paired-contrast data they train on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.paired import PairedSliceDataset, pair_subjects, subject_name
+from data.sites import Site
+from models.patchgan import PatchDiscriminator
+from models.pflsynth import PersonalizedGenerator, ResnetGenerator, is_shared, task_code
+from models.synthesis_losses import (SynthesisHyperparameters, constant_then_linear_decay, discriminator_loss,
+                                     generator_loss, make_adam)
+from tests.helpers_data import write_fastmri, write_h5_image, write_nifti
+from utils.errors import DataError, UserError
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def pflsynth_generator_keys() -> set[str]:
+    """pFLSynth's ``personalized_generator`` state_dict keys (--norm batch, dropout on, 6 mapping
+    layers), written out from its networks.py."""
+    keys = {"model_1.1.weight", *(f"model_1.2.{k}" for k in BN)}
+    for stage in ("model_2", "model_3", "model_13", "model_14"):
+        keys |= {f"{stage}.0.weight", *(f"{stage}.1.{k}" for k in BN)}
+    for block in range(4, 13):
+        keys |= {f"model_{block}.conv_block.1.weight", f"model_{block}.conv_block.6.weight",
+                 *(f"model_{block}.conv_block.{i}.{k}" for i in (2, 7) for k in BN)}
+    keys |= {"model_15.1.weight", "model_15.1.bias"}
+    keys |= {f"mapper.map.dense{i}.{k}" for i in range(6) for k in ("weight", "bias")}
+    for i in range(14):
+        keys |= {f"personalization_blocks.{i}.adain.style_mod.lin.weight",
+                 f"personalization_blocks.{i}.adain.style_mod.lin.bias",
+                 f"personalization_blocks.{i}.adacw.fc.0.weight", f"personalization_blocks.{i}.adacw.fc.2.weight"}
+    return keys
+
+
+# The paper's split as train_pflsynth.py aggregates it: residual blocks 6-9, the decoder, the mapper.
+PAPER_SHARED_MODULES = {"model_9", "model_10", "model_11", "model_12", "model_13", "model_14", "model_15", "mapper"}
+
+
+@pytest.fixture(scope="module")
+def full_generator() -> PersonalizedGenerator:
+    torch.manual_seed(0)
+    return PersonalizedGenerator(num_sites=4)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_generators_have_pflsynth_keys_and_parameter_counts(full_generator) -> None:
+    assert set(full_generator.state_dict()) == pflsynth_generator_keys()
+    assert n_params(full_generator) == 15_986_817
+    plain = ResnetGenerator()
+    assert set(plain.state_dict()) == {k for k in pflsynth_generator_keys() if k.startswith("model_")}
+    assert n_params(plain) == 15_986_817 - 1_319_936 - 3_296_000  # without mapper and 14 blocks
+
+
+def test_shared_keys_are_the_papers_split_and_about_40_percent(full_generator) -> None:
+    shared = is_shared()
+    state = full_generator.state_dict()
+    assert {k for k in state if shared(k)} == {k for k in state if k.split(".")[0] in PAPER_SHARED_MODULES}
+    assert not any(shared(k) for k in state if k.startswith("personalization_blocks."))
+    shared_params = sum(p.numel() for k, p in full_generator.named_parameters() if shared(k))
+    assert shared_params == 6_414_785
+    assert shared_params / n_params(full_generator) == pytest.approx(0.4013, abs=1e-4)
+
+
+def test_discriminator_keys_are_never_shared() -> None:
+    disc = PatchDiscriminator()
+    assert n_params(disc) == 2_764_609
+    assert not any(is_shared()(k) for k in disc.state_dict())
+
+
+def test_discriminator_scores_patches_of_the_conditional_pair() -> None:
+    disc = PatchDiscriminator(ndf=8).eval()
+    source, image = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
+    logits = disc(source, image)
+    assert logits.shape == (2, 1, 6, 6)
+    assert not torch.allclose(logits, disc(torch.rand(2, 1, 64, 64), image))  # the source conditions it
+
+
+def small_generator(seed: int = 0) -> PersonalizedGenerator:
+    torch.manual_seed(seed)
+    return PersonalizedGenerator(num_sites=3, ngf=8, n_blocks=2)
+
+
+def test_output_depends_on_site_and_task_codes() -> None:
+    model = small_generator().eval()
+    image = torch.rand(1, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        base = model(image, task_code(0, 3, 0, 1))
+        for other in (task_code(1, 3, 0, 1), task_code(0, 3, 1, 2), task_code(0, 3, 0, 2)):
+            assert (model(image, other) - base).abs().max() > 1e-3
+        torch.testing.assert_close(model(image, task_code(0, 3, 0, 1)), base, rtol=0, atol=0)
+
+
+def test_eval_mode_is_deterministic_and_train_mode_is_not() -> None:
+    model = small_generator()
+    image, code = torch.rand(2, 1, 32, 32), task_code(2, 3, 1, 0)
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(image, code), model(image, code))  # dropout
+        model.eval()
+        assert torch.equal(model(image, code), model(image, code))
+
+
+def test_task_code_is_pflsynths_one_hot_layout() -> None:
+    # pFLSynth's example codes: IXI (site 0) T2 -> PD, BRATS (site 1) FLAIR -> T2.
+    assert task_code(0, 4, 1, 2).tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    assert task_code(1, 4, 3, 1).tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0]
+
+
+def test_losses_are_lsgan_and_weighted_l1() -> None:
+    logits = torch.full((1, 1, 4, 4), 0.5)
+    assert discriminator_loss(torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)).item() == 0
+    assert discriminator_loss(logits, logits).item() == pytest.approx(0.5 * (0.25 + 0.25))
+    fake, target = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.1)
+    total, parts = generator_loss(logits, fake, target)
+    assert parts["g_adv"].item() == pytest.approx(0.25)
+    assert parts["g_l1"].item() == pytest.approx(100 * 0.1)
+    assert total.item() == pytest.approx(0.25 + 10.0)
+
+
+def test_adam_and_schedule_defaults() -> None:
+    hp = SynthesisHyperparameters()
+    optimizer = make_adam([torch.nn.Parameter(torch.zeros(1))], hp)
+    assert optimizer.defaults["lr"] == 2e-4 and optimizer.defaults["betas"] == (0.5, 0.999)
+    scheduler = constant_then_linear_decay(optimizer, hp)
+    rates = []
+    for _ in range(150):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:75] == [2e-4] * 75
+    assert rates[75] == pytest.approx(2e-4 * 75 / 76)
+    assert rates[149] == pytest.approx(2e-4 / 76)
+
+
+# -- paired data ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, contrast, subject", [
+    ("IXI002-Guys-0828-T1.nii.gz", "T1", "IXI002-Guys-0828"),
+    ("BraTS20_Training_001_flair.nii.gz", "FLAIR", "BraTS20_Training_001"),
+    ("synthI_train_000_PD.h5", "PD", "synthI_train_000"),
+    ("subject7.nii", "T2", "subject7"),
+    ("patient_T1w.nii.gz", "T1", "patient_T1w"),
+])
+def test_subject_name_strips_suffix_and_contrast_tag(name: str, contrast: str, subject: str) -> None:
+    assert subject_name(Path(name), contrast) == subject
+
+
+def volume(seed: int, slices: int = 3) -> np.ndarray:
+    """(16, 16, slices) float32 with a different intensity range on every slice."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0, 1, (16, 16, slices)) * np.arange(1, slices + 1)).astype(np.float32)
+
+
+@pytest.fixture
+def nifti_site(tmp_path: Path) -> Site:
+    """T1 for subjects a, b, c; T2 for a, b, d (T2 = 3 * T1 + 5 for the shared ones)."""
+    for subject in "abc":
+        write_nifti(tmp_path / "T1" / "train" / f"{subject}_T1.nii.gz", volume(ord(subject)))
+    for subject in "abd":
+        write_nifti(tmp_path / "T2" / "train" / f"{subject}-t2.nii.gz", 3 * volume(ord(subject)) + 5)
+    (tmp_path / "PD").mkdir()
+    return Site("X", tmp_path, "nifti")
+
+
+def test_pairs_by_subject_and_counts_the_skipped(nifti_site: Site) -> None:
+    pairing = pair_subjects(nifti_site, "T1", "T2", "train")
+    assert [p.subject for p in pairing.pairs] == ["a", "b"]
+    assert pairing.unpaired == ["c", "d"]
+    dataset = PairedSliceDataset(nifti_site, pairing.pairs)
+    assert len(dataset) == 6
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        raw = volume(ord(sample.subject))[:, :, sample.slice_num]
+        assert sample.source_range == pytest.approx((raw.min(), raw.max()))
+        assert sample.target_range == pytest.approx((3 * raw.min() + 5, 3 * raw.max() + 5), rel=1e-5)
+        # T2 is an affine map of T1, so both min-max scale to the same slice in [-1, 1].
+        np.testing.assert_allclose(sample.target, sample.source, atol=1e-5)
+        assert sample.source.min() == -1 and sample.source.max() == pytest.approx(1)
+
+
+def test_pairs_hdf5_stacks_and_fastmri_targets(tmp_path: Path) -> None:
+    stack = np.moveaxis(volume(1), -1, 0)
+    write_h5_image(tmp_path / "img" / "T1" / "val" / "s1_T1.h5", stack)
+    write_h5_image(tmp_path / "img" / "T2" / "val" / "s1_T2.h5", stack * 2)
+    site = Site("S", tmp_path / "img", "h5_image")
+    sample = PairedSliceDataset(site, pair_subjects(site, "T1", "T2", "val").pairs, resolution=20)[2]
+    assert sample.source.shape == (20, 20) and sample.target_range[1] == pytest.approx(2 * stack[2].max())
+    for contrast in ("T1", "FLAIR"):
+        write_fastmri(tmp_path / "fm" / contrast / "test" / f"p1_{contrast}.h5", num_slices=2)
+    site = Site("F", tmp_path / "fm", "fastmri_h5")
+    dataset = PairedSliceDataset(site, pair_subjects(site, "T1", "FLAIR", "test").pairs)
+    assert [dataset[i].target_range for i in range(2)] == [(1.0, 1.0), (2.0, 2.0)]  # reconstruction_esc
+
+
+def test_same_source_and_target_is_a_user_error(nifti_site: Site) -> None:
+    with pytest.raises(UserError, match="source and target contrast are the same"):
+        pair_subjects(nifti_site, "T2", "T2", "train")
+
+
+def test_missing_contrast_names_the_ones_the_site_has(nifti_site: Site) -> None:
+    with pytest.raises(UserError, match=r"no FLAIR folder .*\(its contrasts: PD, T1, T2\)"):
+        pair_subjects(nifti_site, "T1", "FLAIR", "train")
+
+
+def test_site_without_paired_subjects_is_a_data_error(tmp_path: Path) -> None:
+    write_nifti(tmp_path / "T1" / "train" / "a_T1.nii", volume(0))
+    write_nifti(tmp_path / "T2" / "train" / "b_T2.nii", volume(1))
+    with pytest.raises(DataError, match="no subject has both T1 and T2"):
+        pair_subjects(Site("Y", tmp_path, "nifti"), "T1", "T2", "train")
+
+
+def test_unregistered_pair_is_a_data_error(tmp_path: Path) -> None:
+    write_nifti(tmp_path / "T1" / "train" / "a_T1.nii", volume(0, slices=3))
+    write_nifti(tmp_path / "T2" / "train" / "a_T2.nii", volume(0, slices=4))
+    site = Site("Z", tmp_path, "nifti")
+    with pytest.raises(DataError, match="has 3 slices but .* has 4"):
+        PairedSliceDataset(site, pair_subjects(site, "T1", "T2", "train").pairs)
