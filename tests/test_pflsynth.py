@@ -1,4 +1,4 @@
-"""pFLSynth's generator, discriminator, losses and the paired-contrast data they train on."""
+"""pFLSynth's generator, discriminator, losses, the paired-contrast data they train on and the metrics."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import peak_signal_noise_ratio
 
 from data.paired import PairedSliceDataset, pair_subjects, subject_name
 from data.sites import Site
@@ -15,6 +16,7 @@ from models.synthesis_losses import (SynthesisHyperparameters, constant_then_lin
                                      generator_loss, make_adam)
 from tests.helpers_data import write_fastmri, write_h5_image, write_nifti
 from utils.errors import DataError, UserError
+from utils.synthesis_metrics import head_mask, synthesis_metrics, unit_range
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -224,3 +226,37 @@ def test_unregistered_pair_is_a_data_error(tmp_path: Path) -> None:
     site = Site("Z", tmp_path, "nifti")
     with pytest.raises(DataError, match="has 3 slices but .* has 4"):
         PairedSliceDataset(site, pair_subjects(site, "T1", "T2", "train").pairs)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def head_phantom(seed: int = 0) -> np.ndarray:
+    """(2, 48, 48): a textured disc with a dark hole (a ventricle) on a noisy background."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[-1:1:48j, -1:1:48j]
+    head = (x**2 + y**2 < 0.6).astype(float) * rng.uniform(0.5, 1.0, (2, 48, 48))
+    head[:, 22:26, 22:26] = 0.02
+    return head + rng.uniform(0, 0.03, head.shape)
+
+
+def test_head_mask_is_the_filled_head() -> None:
+    mask = head_mask(unit_range(head_phantom(), head_phantom()))
+    y, x = np.mgrid[-1:1:48j, -1:1:48j]
+    disc = x**2 + y**2 < 0.6
+    assert (mask == disc).mean() > 0.99 and mask[:, 23, 23].all()
+
+
+def test_metrics_use_the_targets_range_and_separate_the_background() -> None:
+    target = head_phantom()
+    scores = synthesis_metrics(1000 * target, 1000 * target)
+    assert scores["psnr"] == np.inf and scores["ssim"] == pytest.approx(1.0)
+    wrong_background = target.copy()
+    wrong_background[~head_mask(unit_range(target, target))] += 0.3
+    scores = synthesis_metrics(target, wrong_background)
+    assert scores["psnr"] < 20 and scores["psnr_head"] == np.inf
+    assert scores["ssim"] < scores["ssim_head"] - 0.1
+    noisy = target + np.random.default_rng(1).normal(0, 0.05, target.shape)
+    scaled = unit_range(target, target), unit_range(noisy, target)
+    assert synthesis_metrics(target, noisy)["psnr"] == pytest.approx(peak_signal_noise_ratio(*scaled, data_range=1))
+    assert synthesis_metrics(5 * target, 5 * noisy)["psnr"] == pytest.approx(synthesis_metrics(target, noisy)["psnr"])
