@@ -1,12 +1,13 @@
-"""Paired-contrast slices for synthesis: a source-contrast slice and the same subject's target-contrast slice.
+"""Registered multi-contrast slices for synthesis: the same subject's slice in every contrast a site's
+translations need (T1 and T2 for T1 -> T2; T1, T2 and PD for T1 -> T2 plus T2 -> PD).
 
 A site keeps each contrast in its own folder, ``<root>/<contrast>/<split>/<subject>.*`` (the layout
-of IXI and BraTS exports). Files are paired by subject: the file name without its suffix and
+of IXI and BraTS exports). Files are matched by subject: the file name without its suffix and
 without a trailing contrast tag (``IXI002-Guys-0828-T1.nii.gz``, ``BraTS20_001_t1.nii.gz`` and
 ``synthI_train_000_T1.nii.gz`` name subjects ``IXI002-Guys-0828``, ``BraTS20_001`` and
 ``synthI_train_000``; the tag is matched case-blind after ``_``, ``-`` or ``.``). Subjects that
-have only one of the two contrasts are skipped and named in `Pairing.unpaired` for the log. The
-contrasts of a subject must be registered: the same number of slices of the same size.
+lack one of the contrasts are skipped and named in `Matching.skipped` for the log. The contrasts
+of a subject must be registered: the same number of slices, of the same size.
 
 Slices are read by `data.mri_data.SliceDataset` (NIfTI, HDF5 image stacks, and fastMRI HDF5
 through its ``reconstruction_esc`` / ``reconstruction_rss`` target image), padded or cropped to
@@ -16,7 +17,7 @@ Intensities follow pFLSynth: its preprocessing saves every slice as an 8-bit ima
 slice's own minimum and maximum, and its loader maps [0, 1] to [-1, 1]. So each slice of each
 contrast is min-max scaled to [-1, 1] here (without the 8-bit rounding); its (min, max) travels
 with the sample, so that a synthesised slice can be put back on the target's intensity scale and
-scored against the real target in [0, 1] by that target's range.
+scored against the real target by that target's range.
 """
 from __future__ import annotations
 
@@ -33,31 +34,57 @@ from data.mri_data import H5_SUFFIXES, NIFTI_SUFFIXES, SliceDataset, center_fit
 from data.sites import Site
 from utils.errors import DataError, UserError
 
-
-class SubjectPair(NamedTuple):
-    """One subject's source-contrast and target-contrast volume files."""
-
-    subject: str
-    source: Path
-    target: Path
+_TRANSLATION = re.compile(r"\s*([A-Za-z0-9_+-]+?)\s*->\s*([A-Za-z0-9_+-]+)\s*")
 
 
-class Pairing(NamedTuple):
-    """The subjects of one site and split that have both contrasts, and those skipped."""
+class Translation(NamedTuple):
+    """A synthesis task: source contrast -> target contrast."""
 
-    pairs: list[SubjectPair]
-    unpaired: list[str]  # subjects with only one of the two contrasts, sorted
+    source: str
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.source}->{self.target}"
 
 
-class PairedSlice(NamedTuple):
-    """One slice position of one subject in both contrasts, each min-max scaled to [-1, 1]."""
+def translation(source: str, target: str, where: str) -> Translation:
+    """``Translation(source, target)``; ``UserError`` naming ``where`` when the two are the same."""
+    if source == target:
+        raise UserError(f"{where}: source and target contrast are both {source}; synthesis translates "
+                        "one contrast into another: pick two different ones")
+    return Translation(source, target)
 
-    source: np.ndarray  # (H, W) float32
-    target: np.ndarray  # (H, W) float32
-    source_range: tuple[float, float]  # (min, max) of the source slice, mapped to -1 and 1
-    target_range: tuple[float, float]  # (min, max) of the target slice, mapped to -1 and 1
+
+def parse_translation(text: str, where: str) -> Translation:
+    """``"T1->T2"`` -> ``Translation("T1", "T2")``; ``UserError`` naming ``where`` otherwise."""
+    match = _TRANSLATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise UserError(f"{where}: task {text!r} is not of the form SOURCE->TARGET (e.g. \"T1->T2\")")
+    return translation(match.group(1), match.group(2), where)
+
+
+class Subject(NamedTuple):
+    """One subject's volume file in each contrast."""
+
+    name: str
+    files: dict[str, Path]  # contrast -> volume file
+
+
+class Matching(NamedTuple):
+    """The subjects of one site and split that have every contrast asked for, and those skipped."""
+
+    subjects: list[Subject]
+    skipped: list[str]  # subjects that lack at least one of the contrasts, sorted
+
+
+class ContrastSlices(NamedTuple):
+    """One slice position of one subject in several contrasts, each min-max scaled to [-1, 1]."""
+
+    images: dict[str, np.ndarray]  # contrast -> (H, W) float32
+    ranges: dict[str, tuple[float, float]]  # contrast -> (min, max) of its slice, mapped to -1 and 1
     subject: str
     slice_num: int
+    seed: tuple[int, ...] | None  # after set_epoch(e): (e, slice_num, *map(ord, subject)), else None
 
 
 def subject_name(path: Path, contrast: str) -> str:
@@ -79,32 +106,37 @@ def site_contrasts(site: Site) -> list[str]:
     return sorted(p.name for p in site.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def pair_subjects(site: Site, source: str, target: str, split: str) -> Pairing:
-    """Pair the ``split`` volumes of ``source`` and ``target`` contrast at ``site`` by subject.
-
-    Raises ``UserError`` when source equals target or the site lacks one of the contrasts (naming
-    the ones it has), ``DataError`` when no subject has both or one folder names a subject twice.
-    """
-    task = f"synthesis {source} -> {target}"
-    if source == target:
-        raise UserError(f"{task}: the source and target contrast are the same; synthesis translates "
-                        "one contrast into another: pick two different ones")
+def check_contrasts(site: Site, translations: Sequence[Translation]) -> None:
+    """``UserError`` when a translation names a contrast the site has no folder for, listing the ones it has."""
     have = site_contrasts(site)
-    for contrast in (source, target):
-        if contrast not in have:
-            raise UserError(f"{task}: site '{site.name}' has no {contrast} folder in {site.root} (its "
-                            f"contrasts: {', '.join(have) or 'none'}): pick contrasts it has, or another site")
-    by_subject = [_by_subject(site, contrast, split) for contrast in (source, target)]
-    common = sorted(set(by_subject[0]) & set(by_subject[1]))
-    unpaired = sorted(set(by_subject[0]) ^ set(by_subject[1]))
+    for task in translations:
+        for contrast in task:
+            if contrast not in have:
+                raise UserError(f"synthesis {task}: site '{site.name}' has no {contrast} folder in {site.root} "
+                                f"(its contrasts: {', '.join(have) or 'none'}): pick contrasts it has, or "
+                                "another site")
+
+
+def match_subjects(site: Site, contrasts: Sequence[str], split: str) -> Matching:
+    """The subjects whose ``split`` volumes exist in every one of ``contrasts`` at ``site``.
+
+    Call `check_contrasts` first for a line that names the translation. Raises ``DataError`` when
+    no subject has all the contrasts, or a folder names a subject twice.
+    """
+    if len(set(contrasts)) != len(contrasts) or len(contrasts) < 2:
+        raise ValueError(f"match_subjects needs two or more different contrasts, got {list(contrasts)}")
+    by_contrast = {c: _by_subject(site, c, split) for c in contrasts}
+    names = [set(files) for files in by_contrast.values()]
+    common = sorted(set.intersection(*names))
+    skipped = sorted(set.union(*names) - set(common))
     if not common:
-        folders = " and ".join(str(site.root / c / split) for c in (source, target))
-        raise DataError(f"site '{site.name}': no subject has both {source} and {target} in {folders} "
-                        f"({len(by_subject[0])} and {len(by_subject[1])} subjects; files are paired by "
-                        f"name without the contrast tag, e.g. {next(iter(by_subject[0]))!r}): rename "
-                        "the files to match or pick another site")
-    pairs = [SubjectPair(s, by_subject[0][s], by_subject[1][s]) for s in common]
-    return Pairing(pairs, unpaired)
+        counts = ", ".join(f"{len(by_contrast[c])} {c}" for c in contrasts)
+        example = next(iter(by_contrast[contrasts[0]]))
+        raise DataError(f"site '{site.name}': no subject has all of {', '.join(contrasts)} in "
+                        f"{site.root}/<contrast>/{split} ({counts} subjects; files are matched by name "
+                        f"without the contrast tag, e.g. {example!r}): rename the files to match, or "
+                        "pick another site")
+    return Matching([Subject(s, {c: by_contrast[c][s] for c in contrasts}) for s in common], skipped)
 
 
 def _by_subject(site: Site, contrast: str, split: str) -> dict[str, Path]:
@@ -131,54 +163,69 @@ def _scale(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     return ((image - lo) * (2.0 / span) - 1.0).astype(np.float32), (lo, hi)
 
 
-class PairedSliceDataset(torch.utils.data.Dataset):
-    """Slices of subject pairs: ``dataset[i]`` is ``transform(PairedSlice)`` (the slice itself
-    without a transform), in subject order, then slice order."""
+class ContrastSliceDataset(torch.utils.data.Dataset):
+    """Registered slices of subjects in several contrasts: ``dataset[i]`` is
+    ``transform(ContrastSlices)`` (the slices themselves without a transform), in subject order,
+    then slice order."""
 
-    def __init__(self, site: Site, pairs: Sequence[SubjectPair], *, resolution: int | None = None,
-                 transform: Callable[[PairedSlice], Any] | None = None) -> None:
-        """Index the pairs' slices; ``DataError`` for unusable files or unregistered pairs.
+    def __init__(self, site: Site, subjects: Sequence[Subject], contrasts: Sequence[str], *,
+                 resolution: int | None = None, transform: Callable[[ContrastSlices], Any] | None = None) -> None:
+        """Index the subjects' slices; ``DataError`` for unusable files or unregistered contrasts.
 
         Args:
             site: the site the files belong to (format, challenge, slice_range).
-            pairs: from `pair_subjects` (or a share of them for one client).
+            subjects: from `match_subjects` (or one client's share of them), each with every contrast.
+            contrasts: the contrasts to read.
             resolution: images are centre-padded/cropped to resolution x resolution (None: native).
         """
-        if not pairs:
-            raise ValueError("PairedSliceDataset needs at least one subject pair")
-        self.pairs = list(pairs)
+        if not subjects:
+            raise ValueError("ContrastSliceDataset needs at least one subject")
+        self.subjects = list(subjects)
+        self.contrasts = tuple(contrasts)
         self.resolution = resolution
         self.transform = transform
+        self.epoch_seed: int | None = None
         common = dict(fmt=site.format, challenge=site.challenge, resolution=resolution,
                       slice_range=site.slice_range)
-        self._source = SliceDataset([p.source for p in self.pairs], _slice_image, **common)
-        self._target = SliceDataset([p.target for p in self.pairs], _slice_image, **common)
-        counts = [Counter(path for path, _ in ds.examples) for ds in (self._source, self._target)]
-        for pair in self.pairs:
-            if counts[0][pair.source] != counts[1][pair.target]:
-                raise DataError(f"{pair.source} has {counts[0][pair.source]} slices but {pair.target} "
-                                f"has {counts[1][pair.target]}: the contrasts of subject '{pair.subject}' "
-                                "must be registered (same slices); re-register or remove the pair")
-        self._subjects = {p.source: p.subject for p in self.pairs}
+        self._datasets = {c: SliceDataset([s.files[c] for s in self.subjects], _slice_image, **common)
+                          for c in self.contrasts}
+        counts = {c: Counter(path for path, _ in ds.examples) for c, ds in self._datasets.items()}
+        first = self.contrasts[0]
+        for subject in self.subjects:
+            for c in self.contrasts[1:]:
+                a, b = subject.files[first], subject.files[c]
+                if counts[first][a] != counts[c][b]:
+                    raise DataError(f"{a} has {counts[first][a]} slices but {b} has {counts[c][b]}: the contrasts "
+                                    f"of subject '{subject.name}' must be registered (same slices); re-register "
+                                    "or remove the subject")
+        self._names = {s.files[first]: s.name for s in self.subjects}
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._datasets[self.contrasts[0]])
 
-    def _image(self, dataset: SliceDataset, i: int) -> np.ndarray:
-        path, slice_num = dataset.examples[i]
+    def set_epoch(self, epoch_seed: int | None) -> None:
+        """Seed each sample's ``seed`` from ``epoch_seed`` (what a transform draws from), or None."""
+        self.epoch_seed = epoch_seed
+
+    def _image(self, contrast: str, i: int) -> np.ndarray:
+        dataset = self._datasets[contrast]
         image = dataset[i]
         if image is None:
-            raise DataError(f"{path} has no target image (reconstruction_esc / reconstruction_rss): "
-                            "synthesis reads a fastMRI file's image; add it or remove the file")
+            raise DataError(f"{dataset.examples[i][0]} has no target image (reconstruction_esc / "
+                            "reconstruction_rss): synthesis reads a fastMRI file's image; add it or remove the file")
         return center_fit(image, self.resolution)
 
     def __getitem__(self, i: int) -> Any:
-        source, target = self._image(self._source, i), self._image(self._target, i)
-        path, slice_num = self._source.examples[i]
-        if source.shape != target.shape:
-            raise DataError(f"slice {slice_num}: {path} is {source.shape[0]}x{source.shape[1]} but "
-                            f"{self._target.examples[i][0]} is {target.shape[0]}x{target.shape[1]}: register "
-                            "the contrasts to one grid, or set a common resolution")
-        (source, source_range), (target, target_range) = _scale(source), _scale(target)
-        sample = PairedSlice(source, target, source_range, target_range, self._subjects[path], slice_num)
+        raw = {c: self._image(c, i) for c in self.contrasts}
+        path, slice_num = self._datasets[self.contrasts[0]].examples[i]
+        shapes = {c: image.shape for c, image in raw.items()}
+        if len(set(shapes.values())) > 1:
+            files = ", ".join(f"{self._datasets[c].examples[i][0]} {s[0]}x{s[1]}" for c, s in shapes.items())
+            raise DataError(f"slice {slice_num} differs in size across contrasts ({files}): register the "
+                            "contrasts to one grid, or set a common resolution")
+        scaled = {c: _scale(image) for c, image in raw.items()}
+        subject = self._names[path]
+        seed = None if self.epoch_seed is None else (self.epoch_seed, slice_num, *map(ord, subject))
+        sample = ContrastSlices({c: s[0] for c, s in scaled.items()}, {c: s[1] for c, s in scaled.items()},
+                                subject, slice_num, seed)
         return sample if self.transform is None else self.transform(sample)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from data.paired import PairedSliceDataset, pair_subjects, subject_name
+from data.paired import (ContrastSliceDataset, Translation, check_contrasts, match_subjects, parse_translation,
+                         subject_name, translation)
 from data.sites import Site
 from models.patchgan import PatchDiscriminator
 from models.pflsynth import PersonalizedGenerator, ResnetGenerator, is_shared, task_code
@@ -164,68 +165,93 @@ def volume(seed: int, slices: int = 3) -> np.ndarray:
 
 @pytest.fixture
 def nifti_site(tmp_path: Path) -> Site:
-    """T1 for subjects a, b, c; T2 for a, b, d (T2 = 3 * T1 + 5 for the shared ones)."""
+    """T1 for subjects a, b, c; T2 for a, b, d (T2 = 3 * T1 + 5 for the shared ones); PD for a."""
     for subject in "abc":
         write_nifti(tmp_path / "T1" / "train" / f"{subject}_T1.nii.gz", volume(ord(subject)))
     for subject in "abd":
         write_nifti(tmp_path / "T2" / "train" / f"{subject}-t2.nii.gz", 3 * volume(ord(subject)) + 5)
-    (tmp_path / "PD").mkdir()
+    write_nifti(tmp_path / "PD" / "train" / "a.nii", volume(7))
     return Site("X", tmp_path, "nifti")
 
 
-def test_pairs_by_subject_and_counts_the_skipped(nifti_site: Site) -> None:
-    pairing = pair_subjects(nifti_site, "T1", "T2", "train")
-    assert [p.subject for p in pairing.pairs] == ["a", "b"]
-    assert pairing.unpaired == ["c", "d"]
-    dataset = PairedSliceDataset(nifti_site, pairing.pairs)
+def test_matches_subjects_and_names_the_skipped(nifti_site: Site) -> None:
+    matching = match_subjects(nifti_site, ["T1", "T2"], "train")
+    assert [s.name for s in matching.subjects] == ["a", "b"]
+    assert matching.skipped == ["c", "d"]
+    dataset = ContrastSliceDataset(nifti_site, matching.subjects, ["T1", "T2"])
     assert len(dataset) == 6
     for i in range(len(dataset)):
         sample = dataset[i]
         raw = volume(ord(sample.subject))[:, :, sample.slice_num]
-        assert sample.source_range == pytest.approx((raw.min(), raw.max()))
-        assert sample.target_range == pytest.approx((3 * raw.min() + 5, 3 * raw.max() + 5), rel=1e-5)
+        assert sample.ranges["T1"] == pytest.approx((raw.min(), raw.max()))
+        assert sample.ranges["T2"] == pytest.approx((3 * raw.min() + 5, 3 * raw.max() + 5), rel=1e-5)
         # T2 is an affine map of T1, so both min-max scale to the same slice in [-1, 1].
-        np.testing.assert_allclose(sample.target, sample.source, atol=1e-5)
-        assert sample.source.min() == -1 and sample.source.max() == pytest.approx(1)
+        np.testing.assert_allclose(sample.images["T2"], sample.images["T1"], atol=1e-5)
+        assert sample.images["T1"].min() == -1 and sample.images["T1"].max() == pytest.approx(1)
+    three = match_subjects(nifti_site, ["T1", "T2", "PD"], "train")
+    assert [s.name for s in three.subjects] == ["a"] and three.skipped == ["b", "c", "d"]
 
 
-def test_pairs_hdf5_stacks_and_fastmri_targets(tmp_path: Path) -> None:
+def test_sample_seed_follows_the_epoch(nifti_site: Site) -> None:
+    dataset = ContrastSliceDataset(nifti_site, match_subjects(nifti_site, ["T1", "T2"], "train").subjects,
+                                   ["T1", "T2"])
+    assert dataset[4].seed is None
+    dataset.set_epoch(7)
+    assert dataset[4].seed == (7, 1, ord("b"))
+
+
+def test_matches_hdf5_stacks_and_fastmri_targets(tmp_path: Path) -> None:
     stack = np.moveaxis(volume(1), -1, 0)
     write_h5_image(tmp_path / "img" / "T1" / "val" / "s1_T1.h5", stack)
     write_h5_image(tmp_path / "img" / "T2" / "val" / "s1_T2.h5", stack * 2)
     site = Site("S", tmp_path / "img", "h5_image")
-    sample = PairedSliceDataset(site, pair_subjects(site, "T1", "T2", "val").pairs, resolution=20)[2]
-    assert sample.source.shape == (20, 20) and sample.target_range[1] == pytest.approx(2 * stack[2].max())
+    subjects = match_subjects(site, ["T1", "T2"], "val").subjects
+    sample = ContrastSliceDataset(site, subjects, ["T1", "T2"], resolution=20)[2]
+    assert sample.images["T1"].shape == (20, 20) and sample.ranges["T2"][1] == pytest.approx(2 * stack[2].max())
     for contrast in ("T1", "FLAIR"):
         write_fastmri(tmp_path / "fm" / contrast / "test" / f"p1_{contrast}.h5", num_slices=2)
     site = Site("F", tmp_path / "fm", "fastmri_h5")
-    dataset = PairedSliceDataset(site, pair_subjects(site, "T1", "FLAIR", "test").pairs)
-    assert [dataset[i].target_range for i in range(2)] == [(1.0, 1.0), (2.0, 2.0)]  # reconstruction_esc
+    dataset = ContrastSliceDataset(site, match_subjects(site, ["T1", "FLAIR"], "test").subjects, ["T1", "FLAIR"])
+    assert [dataset[i].ranges["FLAIR"] for i in range(2)] == [(1.0, 1.0), (2.0, 2.0)]  # reconstruction_esc
 
 
-def test_same_source_and_target_is_a_user_error(nifti_site: Site) -> None:
-    with pytest.raises(UserError, match="source and target contrast are the same"):
-        pair_subjects(nifti_site, "T2", "T2", "train")
+@pytest.mark.parametrize("text, expected", [("T1->T2", ("T1", "T2")), (" FLAIR -> T2 ", ("FLAIR", "T2")),
+                                            ("T1-Gd->PD", ("T1-Gd", "PD"))])
+def test_parse_translation(text: str, expected: tuple[str, str]) -> None:
+    assert parse_translation(text, "sites file s.json, site 'I'") == expected
+
+
+@pytest.mark.parametrize("text, message", [("T1T2", "not of the form SOURCE->TARGET"),
+                                           ("T1->", "not of the form"), ("T2->T2", "both T2")])
+def test_bad_translation_is_a_user_error_naming_where(text: str, message: str) -> None:
+    with pytest.raises(UserError, match=rf"^sites file s.json, site 'I': .*{message}"):
+        parse_translation(text, "sites file s.json, site 'I'")
+
+
+def test_same_source_and_target_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--source_contrast/--target_contrast: source and target contrast are both T2"):
+        translation("T2", "T2", "--source_contrast/--target_contrast")
 
 
 def test_missing_contrast_names_the_ones_the_site_has(nifti_site: Site) -> None:
-    with pytest.raises(UserError, match=r"no FLAIR folder .*\(its contrasts: PD, T1, T2\)"):
-        pair_subjects(nifti_site, "T1", "FLAIR", "train")
+    check_contrasts(nifti_site, [Translation("T1", "T2"), Translation("T2", "PD")])
+    with pytest.raises(UserError, match=r"synthesis T1->FLAIR: .*no FLAIR folder .*\(its contrasts: PD, T1, T2\)"):
+        check_contrasts(nifti_site, [Translation("T1", "T2"), Translation("T1", "FLAIR")])
 
 
-def test_site_without_paired_subjects_is_a_data_error(tmp_path: Path) -> None:
+def test_site_without_matched_subjects_is_a_data_error(tmp_path: Path) -> None:
     write_nifti(tmp_path / "T1" / "train" / "a_T1.nii", volume(0))
     write_nifti(tmp_path / "T2" / "train" / "b_T2.nii", volume(1))
-    with pytest.raises(DataError, match="no subject has both T1 and T2"):
-        pair_subjects(Site("Y", tmp_path, "nifti"), "T1", "T2", "train")
+    with pytest.raises(DataError, match="no subject has all of T1, T2"):
+        match_subjects(Site("Y", tmp_path, "nifti"), ["T1", "T2"], "train")
 
 
-def test_unregistered_pair_is_a_data_error(tmp_path: Path) -> None:
+def test_unregistered_contrasts_are_a_data_error(tmp_path: Path) -> None:
     write_nifti(tmp_path / "T1" / "train" / "a_T1.nii", volume(0, slices=3))
     write_nifti(tmp_path / "T2" / "train" / "a_T2.nii", volume(0, slices=4))
     site = Site("Z", tmp_path, "nifti")
     with pytest.raises(DataError, match="has 3 slices but .* has 4"):
-        PairedSliceDataset(site, pair_subjects(site, "T1", "T2", "train").pairs)
+        ContrastSliceDataset(site, match_subjects(site, ["T1", "T2"], "train").subjects, ["T1", "T2"])
 
 
 # -- metrics ----------------------------------------------------------------------------------
