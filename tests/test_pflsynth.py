@@ -1,6 +1,7 @@
 """pFLSynth's generator, discriminator, losses, the paired-contrast data they train on and the metrics."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from data.paired import (ContrastSliceDataset, Translation, check_contrasts, match_subjects, parse_translation,
                          subject_name, translation)
 from data.sites import Site
+from federated.site_discriminators import SiteDiscriminators
 from models.patchgan import PatchDiscriminator
 from models.pflsynth import PersonalizedGenerator, ResnetGenerator, is_shared, task_code
 from models.synthesis_losses import (SynthesisHyperparameters, constant_then_linear_decay, discriminator_loss,
@@ -192,14 +194,6 @@ def test_matches_subjects_and_names_the_skipped(nifti_site: Site) -> None:
     assert [s.name for s in three.subjects] == ["a"] and three.skipped == ["b", "c", "d"]
 
 
-def test_sample_seed_follows_the_epoch(nifti_site: Site) -> None:
-    dataset = ContrastSliceDataset(nifti_site, match_subjects(nifti_site, ["T1", "T2"], "train").subjects,
-                                   ["T1", "T2"])
-    assert dataset[4].seed is None
-    dataset.set_epoch(7)
-    assert dataset[4].seed == (7, 1, ord("b"))
-
-
 def test_matches_hdf5_stacks_and_fastmri_targets(tmp_path: Path) -> None:
     stack = np.moveaxis(volume(1), -1, 0)
     write_h5_image(tmp_path / "img" / "T1" / "val" / "s1_T1.h5", stack)
@@ -286,3 +280,47 @@ def test_metrics_use_the_targets_range_and_separate_the_background() -> None:
     scaled = unit_range(target, target), unit_range(noisy, target)
     assert synthesis_metrics(target, noisy)["psnr"] == pytest.approx(peak_signal_noise_ratio(*scaled, data_range=1))
     assert synthesis_metrics(5 * target, 5 * noisy)["psnr"] == pytest.approx(synthesis_metrics(target, noisy)["psnr"])
+
+
+# -- the GAN step -----------------------------------------------------------------------------
+
+
+def tiny_gan(seed: int = 0) -> tuple[PersonalizedGenerator, SiteDiscriminators]:
+    torch.manual_seed(seed)
+    generator = PersonalizedGenerator(num_sites=2, ngf=4, n_blocks=1, mapping_layers=2)
+    discs = SiteDiscriminators(2, lambda: PatchDiscriminator(ndf=4, n_layers=2), SynthesisHyperparameters(),
+                               torch.device("cpu"))
+    return generator, discs
+
+
+def gan_step(generator, discs, task: int, source, target) -> None:
+    synthesised = generator(source, task_code(task, 2, 0, 1))
+    discs.step(task, source, target, synthesised)
+    assert all(p.grad is None for p in generator.parameters())  # the discriminator step stops at the image
+    loss, _ = discs.generator_loss(task, source, target, synthesised)
+    generator.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is None for d in discs.discriminators for p in d.parameters() if p.requires_grad)
+
+
+def test_discriminator_step_updates_only_its_tasks_discriminator() -> None:
+    generator, discs = tiny_gan()
+    before = [copy.deepcopy(d.state_dict()) for d in discs.discriminators]
+    source, target = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    gan_step(generator, discs, 1, source, target)
+    assert any(p.grad is not None for p in generator.parameters())
+    changed = [any(not torch.equal(v, d.state_dict()[k]) for k, v in b.items())
+               for b, d in zip(before, discs.discriminators)]
+    assert changed == [False, True]
+
+
+def test_discriminator_state_round_trips() -> None:
+    generator, discs = tiny_gan()
+    source, target = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    gan_step(generator, discs, 0, source, target)
+    discs.end_round()
+    _, restored = tiny_gan(seed=1)
+    restored.load_state_dict(copy.deepcopy(discs.state_dict()))
+    fake = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(restored.step(0, source, target, fake), discs.step(0, source, target, fake))
+    assert restored.optimizers[0].param_groups[0]["lr"] == discs.optimizers[0].param_groups[0]["lr"]
