@@ -11,6 +11,7 @@ One local step, in pFLSynth's order (pix2pix's ``optimize_parameters``), for a b
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 
@@ -63,7 +64,7 @@ class SiteDiscriminators:
         with warnings.catch_warnings():
             # The schedule follows rounds, also for a task that drew no step this round (PyTorch
             # warns when a scheduler steps before its optimizer ever did).
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
             for s in self.schedulers:
                 s.step()
 
