@@ -57,4 +57,4 @@ def synthesis_metrics(target: np.ndarray, synthesised: np.ndarray) -> dict[str, 
 def _psnr(squared_error: np.ndarray) -> float:
     """PSNR in dB at data range 1 (skimage's value) from squared errors; inf when they are all 0."""
     mse = float(squared_error.mean())
-    return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+    return float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
