@@ -84,6 +84,7 @@ class ContrastSlices(NamedTuple):
     ranges: dict[str, tuple[float, float]]  # contrast -> (min, max) of its slice, mapped to -1 and 1
     subject: str
     slice_num: int
+    seed: tuple[int, ...] | None  # after set_epoch(e): (e, slice_num, *map(ord, subject)), else None
 
 
 def subject_name(path: Path, contrast: str) -> str:
@@ -183,6 +184,7 @@ class ContrastSliceDataset(torch.utils.data.Dataset):
         self.contrasts = tuple(contrasts)
         self.resolution = resolution
         self.transform = transform
+        self.epoch_seed: int | None = None
         common = dict(fmt=site.format, challenge=site.challenge, resolution=resolution,
                       slice_range=site.slice_range)
         self._datasets = {c: SliceDataset([s.files[c] for s in self.subjects], _slice_image, **common)
@@ -201,6 +203,11 @@ class ContrastSliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._datasets[self.contrasts[0]])
 
+    def set_epoch(self, epoch_seed: int | None) -> None:
+        """Give every sample the seed ``(epoch_seed, slice_num, *map(ord, subject))`` for what its
+        transform draws (a variable-task site's task), or None: the same whatever the workers."""
+        self.epoch_seed = epoch_seed
+
     def _image(self, contrast: str, i: int) -> np.ndarray:
         dataset = self._datasets[contrast]
         image = dataset[i]
@@ -218,6 +225,8 @@ class ContrastSliceDataset(torch.utils.data.Dataset):
             raise DataError(f"slice {slice_num} differs in size across contrasts ({files}): register the "
                             "contrasts to one grid, or set a common resolution")
         scaled = {c: _scale(image) for c, image in raw.items()}
+        subject = self._names[path]
+        seed = None if self.epoch_seed is None else (self.epoch_seed, slice_num, *map(ord, subject))
         sample = ContrastSlices({c: s[0] for c, s in scaled.items()}, {c: s[1] for c, s in scaled.items()},
-                                self._names[path], slice_num)
+                                subject, slice_num, seed)
         return sample if self.transform is None else self.transform(sample)

@@ -188,6 +188,14 @@ def test_matches_subjects_and_names_the_skipped(nifti_site: Site) -> None:
     assert [s.name for s in three.subjects] == ["a"] and three.skipped == ["b", "c", "d"]
 
 
+def test_sample_seed_follows_the_epoch(nifti_site: Site) -> None:
+    dataset = ContrastSliceDataset(nifti_site, match_subjects(nifti_site, ["T1", "T2"], "train").subjects,
+                                   ["T1", "T2"])
+    assert dataset[4].seed is None
+    dataset.set_epoch(7)
+    assert dataset[4].seed == (7, 1, ord("b"))
+
+
 def test_matches_hdf5_stacks_and_fastmri_targets(tmp_path: Path) -> None:
     stack = np.moveaxis(volume(1), -1, 0)
     write_h5_image(tmp_path / "img" / "T1" / "val" / "s1_T1.h5", stack)
@@ -287,11 +295,11 @@ def tiny_gan(seed: int = 0) -> tuple[PersonalizedGenerator, SiteDiscriminators]:
     return generator, discs
 
 
-def gan_step(generator, discs, task: int, source, target) -> None:
-    synthesised = generator(source, task_code(task, 2, 0, 1))
-    discs.step(task, source, target, synthesised)
+def gan_step(generator, discs, task: torch.Tensor, source, target) -> None:
+    synthesised = generator(source, torch.stack([task_code(int(t), 2, 0, 1) for t in task]))
+    discs.step(source, target, synthesised, task)
     assert all(p.grad is None for p in generator.parameters())  # the discriminator step stops at the image
-    loss, _ = discs.generator_loss(task, source, target, synthesised)
+    loss, _ = discs.generator_loss(source, target, synthesised, task)
     generator.zero_grad(set_to_none=True)
     loss.backward()
     assert all(p.grad is None for d in discs.discriminators for p in d.parameters() if p.requires_grad)
@@ -301,20 +309,33 @@ def test_discriminator_step_updates_only_its_tasks_discriminator() -> None:
     generator, discs = tiny_gan()
     before = [copy.deepcopy(d.state_dict()) for d in discs.discriminators]
     source, target = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
-    gan_step(generator, discs, 1, source, target)
+    gan_step(generator, discs, torch.tensor([1, 1]), source, target)
     assert any(p.grad is not None for p in generator.parameters())
     changed = [any(not torch.equal(v, d.state_dict()[k]) for k, v in b.items())
                for b, d in zip(before, discs.discriminators)]
     assert changed == [False, True]
 
 
+def test_mixed_task_batch_scores_each_sample_with_its_tasks_discriminator() -> None:
+    _, discs = tiny_gan()
+    source, target, fake = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    task = torch.tensor([1, 0, 1])
+    d0, d1 = (copy.deepcopy(d) for d in discs.discriminators)
+    rows = {0: [1], 1: [0, 2]}
+    by_task = {t: d(source[r], target[r]) for t, (d, r) in zip(rows, ((d0, rows[0]), (d1, rows[1])))}
+    fakes = {t: d(source[r], fake[r]) for t, (d, r) in zip(rows, ((d0, rows[0]), (d1, rows[1])))}
+    expected = sum(0.5 * (((by_task[t] - 1) ** 2).mean() + (fakes[t] ** 2).mean()) * len(rows[t]) / 3 for t in rows)
+    torch.testing.assert_close(discs.step(source, target, fake, task), expected.detach())
+    assert all(any(p.grad is not None for p in d.parameters()) for d in discs.discriminators)
+
+
 def test_discriminator_state_round_trips() -> None:
     generator, discs = tiny_gan()
     source, target = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
-    gan_step(generator, discs, 0, source, target)
+    gan_step(generator, discs, torch.tensor([0, 1]), source, target)
     discs.end_round()
     _, restored = tiny_gan(seed=1)
     restored.load_state_dict(copy.deepcopy(discs.state_dict()))
-    fake = torch.rand(2, 1, 16, 16)
-    torch.testing.assert_close(restored.step(0, source, target, fake), discs.step(0, source, target, fake))
+    fake, task = torch.rand(2, 1, 16, 16), torch.tensor([0, 0])
+    torch.testing.assert_close(restored.step(source, target, fake, task), discs.step(source, target, fake, task))
     assert restored.optimizers[0].param_groups[0]["lr"] == discs.optimizers[0].param_groups[0]["lr"]
