@@ -56,16 +56,15 @@ def run_fastmri(model: torch.nn.Module, kspace: torch.Tensor, mask: torch.Tensor
 # --- model -----------------------------------------------------------------------------------
 
 
-def test_paper_varnet_has_fastmri_keys_shapes_and_parameter_count() -> None:
-    ours = VarNet()
-    reference = fastmri_varnet()
-    assert n_params(ours) == 29_936_966
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {
-        k: v.shape for k, v in reference.state_dict().items()
-    }
+def test_paper_varnet_has_fastmri_parameter_count() -> None:
+    assert n_params(VarNet()) == 29_936_966
 
 
-@pytest.mark.parametrize("config", [SMALL, dict(num_cascades=3, sens_chans=2, sens_pools=3, chans=5, pools=1)])
+@pytest.mark.parametrize("config", [
+    SMALL,
+    dict(num_cascades=3, sens_chans=2, sens_pools=3, chans=5, pools=1),
+    dict(num_cascades=2, sens_chans=2, sens_pools=4, chans=3, pools=4),
+])
 def test_state_dict_keys_and_shapes_match_fastmri(config: dict[str, int]) -> None:
     ours = {k: v.shape for k, v in VarNet(**config).state_dict().items()}
     assert ours == {k: v.shape for k, v in fastmri_varnet(**config).state_dict().items()}
