@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from data.augment import add_augment_arguments
 from federated.strategies import STRATEGIES
 
 # With no arguments at all an entry script runs this small configuration on the synthetic sites,
@@ -110,6 +111,7 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     fed.add_argument("--min_clients", type=int, default=1,
                      help="stop the run when fewer clients than this finish a round")
 
+    add_augment_arguments(p.add_argument_group("augmentation (MRAugment)"))
     for strategy in STRATEGIES.values():
         strategy.add_arguments(p.add_argument_group(f"{strategy.name} strategy"))
     return p
