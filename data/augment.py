@@ -445,10 +445,10 @@ def check_augment_options(opts: argparse.Namespace) -> None:
         value = getattr(opts, f"aug_max_translation_{axis}")
         if not 0.0 <= value < 1.0:
             raise UserError(f"--aug_max_translation_{axis} {value}: must be in [0, 1) (a fraction of the image)")
-    if opts.aug_max_rotation < 0 or not 0 <= opts.aug_max_shearing_x < 90:
-        flag, value = (("--aug_max_rotation", opts.aug_max_rotation) if opts.aug_max_rotation < 0
-                       else ("--aug_max_shearing_x", opts.aug_max_shearing_x))
-        raise UserError(f"{flag} {value}: must be 0 or more degrees (shearing: below 90)")
+    if opts.aug_max_rotation < 0:
+        raise UserError(f"--aug_max_rotation {opts.aug_max_rotation}: must be 0 or more degrees")
+    if not 0 <= opts.aug_max_shearing_x < 90:
+        raise UserError(f"--aug_max_shearing_x {opts.aug_max_shearing_x}: must be in [0, 90) degrees")
     if not 0.0 <= opts.aug_max_scaling < 1.0:
         raise UserError(f"--aug_max_scaling {opts.aug_max_scaling}: must be in [0, 1)")
     for flag in ("aug_interpolation_order", "aug_upsample_order"):

@@ -15,7 +15,7 @@ from data.augment import (PAPER_WEIGHTS, AugmentConfig, AugmentedTransform, MRAu
                           check_augment_options, check_max_train_resolution, schedule_p, with_augmentation)
 from data.mri_data import SliceDataset
 from data.subsample import RandomMaskFunc
-from data.transforms import UnetDataTransform, center_crop, fft2c, ifft2c, rss
+from data.transforms import UnetDataTransform, fft2c, ifft2c, rss
 from options import parse_options
 from tests.helpers_data import ismrmrd_header
 from utils.errors import UserError
