@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from data.augment import add_augment_arguments
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS, task_name
 
@@ -119,6 +120,7 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
 
     for task in TASKS.values():
         task.add_arguments(p.add_argument_group(f"{task.name} model"))
+    add_augment_arguments(p.add_argument_group("augmentation (MRAugment)"))
     for strategy in STRATEGIES.values():
         strategy.add_arguments(p.add_argument_group(f"{strategy.name} strategy"))
     return p

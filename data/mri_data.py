@@ -330,6 +330,12 @@ class SliceDataset(torch.utils.data.Dataset):
             raise ValueError(f"epoch_seed must be an int in [0, 2**32) or None, got {epoch_seed!r}")
         self.epoch_seed = epoch_seed
 
+    def set_time(self, t: int, total: int) -> None:
+        """Hand the augmentation schedule's time to the transform, when it has one (see
+        ``data.augment.AugmentedTransform.set_time``); otherwise nothing to do."""
+        if hasattr(self.transform, "set_time"):
+            self.transform.set_time(t, total)
+
     def __getitem__(self, i: int) -> Any:
         path, slice_num = self.examples[i]
         volume = self._volumes[path]
