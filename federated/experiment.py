@@ -5,7 +5,7 @@ This is the one place that turns flags into datasets; the round loop receives th
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,8 @@ class Experiment:
 def resolve_registry(opts: argparse.Namespace) -> tuple[dict[str, Site], Path | None]:
     """The site registry, generating the synthetic sites first when no data was named."""
     if opts.data_root is None and opts.sites is None:
-        root = ensure_synthetic_sites(SyntheticConfig(resolution=opts.resolution),
+        config = SyntheticConfig(resolution=opts.resolution, multicoil=opts.challenge == "multicoil")
+        root = ensure_synthetic_sites(config,
                                       Path(opts.synthetic_dir) if opts.synthetic_dir else None,
                                       progress=not opts.quiet)
         return with_challenge(registry_for(root, None), opts.challenge), root
@@ -60,7 +61,7 @@ def with_challenge(registry: dict[str, Site], challenge: str) -> dict[str, Site]
     per site); image sites are single-coil by nature."""
     if challenge == "singlecoil":
         return registry
-    return {k: replace(s, challenge=challenge) if s.format == "fastmri_h5" else s for k, s in registry.items()}
+    return {k: s.with_challenge(challenge) for k, s in registry.items()}
 
 
 def site_dataset(task: Task, site: Site, files: list[Path], opts: argparse.Namespace,
