@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from data.augment import add_augment_arguments
 from federated.strategies import STRATEGIES
+from federated.tasks import TASKS, task_name
 
 # With no arguments at all an entry script runs this small configuration on the synthetic sites,
 # sized to finish in a few minutes on 2 CPU cores. `--demo` asks for it explicitly.
@@ -84,7 +86,8 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                       nargs="+", default=[0.08])
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=["unet"], default="unet")
+    model.add_argument("--model", choices=list(TASKS), default="unet",
+                       help="what is learned: " + "; ".join(f"{k}: {t.summary}" for k, t in TASKS.items()))
     model.add_argument("--chans", type=int, default=32, help="U-Net channels of the first level")
     model.add_argument("--num_pools", type=int, default=4, help="U-Net down-sampling levels")
     model.add_argument("--drop_prob", type=float, default=0.0)
@@ -101,7 +104,12 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     fed.add_argument("--local_ep", type=int, default=2, help="local epochs per round")
     fed.add_argument("--local_bs", type=int, default=16, help="local training batch size")
     fed.add_argument("--bs", type=int, default=8, help="evaluation batch size")
-    fed.add_argument("--lr", type=float, default=1e-4, help="U-Net learning rate (RMSprop)")
+    fed.add_argument("--lr", type=float, default=None,
+                     help="learning rate (default: the task's: " + ", ".join(
+                         f"{k} {t.default_lr:g}" for k, t in TASKS.items()) + ")")
+    fed.add_argument("--optimizer", choices=["rmsprop", "adam"], default=None,
+                     help="local optimiser (default: the task's: " + ", ".join(
+                         f"{k} {t.default_optimizer}" for k, t in TASKS.items()) + ")")
     fed.add_argument("--lr_step", type=int, default=40, help="StepLR step size, in rounds")
     fed.add_argument("--lr_gamma", type=float, default=0.1, help="StepLR decay factor")
     fed.add_argument("--weighting", choices=["uniform", "samples"], default="uniform",
@@ -110,6 +118,9 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     fed.add_argument("--min_clients", type=int, default=1,
                      help="stop the run when fewer clients than this finish a round")
 
+    for task in TASKS.values():
+        task.add_arguments(p.add_argument_group(f"{task.name} model"))
+    add_augment_arguments(p.add_argument_group("augmentation (MRAugment)"))
     for strategy in STRATEGIES.values():
         strategy.add_arguments(p.add_argument_group(f"{strategy.name} strategy"))
     return p
@@ -125,4 +136,9 @@ def parse_options(argv: Sequence[str], prog: str, default_strategy: str,
         parser.set_defaults(**DEMO_DEFAULTS)
         opts = parser.parse_args(argv)
         opts.demo = True
+    task = TASKS[task_name(opts)]
+    if opts.lr is None:
+        opts.lr = task.default_lr
+    if opts.optimizer is None:
+        opts.optimizer = task.default_optimizer
     return opts

@@ -7,8 +7,8 @@ lateral and third ventricles and, optionally, a glioma-like lesion (oedema, soli
 The phantom is sampled on axial slices at given heights, so neighbouring slices change smoothly.
 
 Each tissue class gets a fraction map (partial volume at soft edges), so a subject is computed once
-and can be imaged with any sequence: `signal = sum_t fraction_t * S_t * texture_t` with the spin-echo
-equation `S_t = PD (1 - exp(-TR/T1)) exp(-TE/T2)`.
+and can be imaged with any sequence: `signal = sum_t fraction_t * S_t * texture_t` with `S_t` the
+sequence's signal model (`data.sequences`) for the tissue's PD, T1 and T2.
 
 Image convention: arrays are `(S, N, N)` = (slices, rows, columns); row 0 is anterior, slice 0 the
 most inferior. In-plane coordinates are in units of half the field of view (FOV spans [-1, 1)),
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["HEAD_HEIGHT_RATIO", "HeadPhantom", "TISSUES", "Tissue", "sample_head", "smooth_field", "spin_echo"]
+from data.sequences import Sequence
+
+__all__ = ["HEAD_HEIGHT_RATIO", "HeadPhantom", "TISSUES", "Tissue", "sample_head", "smooth_field"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,6 @@ _SCALP, _OUTER_TABLE, _MARROW, _INNER_TABLE, _CSF = 0.055, 0.022, 0.018, 0.02, 0
 HEAD_HEIGHT_RATIO = 0.82  # head height semi-axis relative to the antero-posterior one
 
 
-def spin_echo(tissue: Tissue, tr: float, te: float) -> float:
-    """Spin-echo signal `PD (1 - exp(-TR/T1)) exp(-TE/T2)` of one tissue (TR, TE in ms)."""
-    return tissue.pd * (1.0 - np.exp(-tr / tissue.t1)) * np.exp(-te / tissue.t2)
-
-
 @dataclass
 class HeadPhantom:
     """One subject sampled on `(S, N, N)` slices.
@@ -73,12 +70,12 @@ class HeadPhantom:
     fine: np.ndarray
     brain: np.ndarray
 
-    def image(self, tr: float, te: float) -> np.ndarray:
-        """Noise-free magnitude image `(S, N, N)` float32 for a spin-echo sequence (TR, TE in ms)."""
+    def image(self, sequence: Sequence) -> np.ndarray:
+        """Noise-free magnitude image `(S, N, N)` float32 acquired with `sequence`."""
         out = np.zeros_like(self.coarse)
         for name, frac in self.fractions.items():
             tissue = TISSUES[name]
-            s = np.float32(spin_echo(tissue, tr, te))
+            s = np.float32(sequence.signal(tissue.pd, tissue.t1, tissue.t2))
             if s == 0:
                 continue
             texture = 1.0 + tissue.coarse_texture * self.coarse + tissue.fine_texture * self.fine

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from federated.strategies import STRATEGIES, describe
+from federated.tasks import TASKS, task_name
 from options import REAL_DATA_RESOLUTION, SYNTHETIC_RESOLUTION, parse_options
 from utils.console import Console
 from utils.errors import UserError
@@ -35,8 +36,7 @@ def check_options(opts: argparse.Namespace) -> None:
         raise UserError(f"--lr {opts.lr}: must be positive")
     if not 0 <= opts.drop_prob < 1:
         raise UserError(f"--drop_prob {opts.drop_prob}: must be in [0, 1)")
-    if opts.resolution is not None and opts.resolution < 2 ** opts.num_pools:
-        raise UserError(f"--resolution {opts.resolution}: must be at least 2**--num_pools = {2 ** opts.num_pools}")
+    TASKS[task_name(opts)](opts).check_options()
     if opts.num_workers < 0:
         raise UserError(f"--num_workers {opts.num_workers}: must be 0 or more")
     # Mask flags are checked where masks are made; make one now so a bad value fails before any work.

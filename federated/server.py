@@ -19,7 +19,6 @@ from federated.evaluation import evaluate
 from federated.experiment import Experiment, build_experiment, eval_set
 from federated.precision import autocast_forward
 from federated.strategies.base import State, Strategy
-from models.unet import load_pretrained
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.report import final_table
@@ -102,11 +101,11 @@ def evaluate_round(rnd: int, model: nn.Module, strategy: Strategy, exp: Experime
         start = time.perf_counter()
         model.load_state_dict(strategy.eval_state(state.global_state, client))
         model.eval()
-        predict = autocast_forward(lambda x: strategy.forward(model, x, client), opts, device)
-        scores = evaluate(eval_sets[site], predict, opts.bs, opts.num_workers, device)["model"]
+        predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
+        scores = evaluate(exp.task, eval_sets[site], predict, opts.bs, opts.num_workers, device)["model"]
         rows.append({"round": rnd, "model": label, "site": site, "split": "val", **scores,
                      "seconds": time.perf_counter() - start})
-    if not strategy.personalized:
+    if not strategy.personalized and exp.task.has_latent:
         rows.append(domain_gap_row(rnd, model, exp, state, eval_sets, device))
     return rows
 
@@ -119,8 +118,8 @@ def domain_gap_row(rnd: int, model: nn.Module, exp: Experiment, state: RunState,
     sources = [s for s in exp.train_sites if s != exp.test_site]
     if not sources:
         return {"round": rnd, "model": "global", "site": exp.test_site, "split": "val", "domain_gap": float("nan")}
-    source = torch.cat([pooled_latents(model, eval_sets[s], device, GAP_SLICES) for s in sources])
-    target = pooled_latents(model, eval_sets[exp.test_site], device, GAP_SLICES)
+    source = torch.cat([pooled_latents(exp.task, model, eval_sets[s], device, GAP_SLICES) for s in sources])
+    target = pooled_latents(exp.task, model, eval_sets[exp.test_site], device, GAP_SLICES)
     return {"round": rnd, "model": "global", "site": exp.test_site, "split": "val",
             "domain_gap": mmd2(source, target)}
 
@@ -193,7 +192,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
 
     model = strategy.build_model(exp.clients)
     if opts.pretrained:
-        load_pretrained(model, Path(opts.pretrained))
+        exp.task.load_pretrained(model, Path(opts.pretrained))
     model.to(device)
     strategy.prepare(exp, model, device)
     for c in exp.clients:
@@ -207,7 +206,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         log.info(f"continuing {run.path} after round {state.round}")
     if state.round == 0:
         # Before anything is written: a bad validation file ends the run with nothing half-made.
-        state.metrics += zero_filled_rows(exp, eval_sets, opts, device)
+        state.metrics += baseline_rows(exp, eval_sets, opts, device)
     run.create()
     run.write_metrics(state.metrics)
 
@@ -239,9 +238,10 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     return state
 
 
-def zero_filled_rows(exp: Experiment, eval_sets: dict, opts: argparse.Namespace, device: torch.device) -> list[dict]:
+def baseline_rows(exp: Experiment, eval_sets: dict, opts: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Round 0: the task's model-free baseline (zero-filled for reconstruction) on every site."""
     rows = []
     for site in exp.eval_sites:
-        scores = evaluate(eval_sets[site], None, opts.bs, opts.num_workers, device)["zero_filled"]
-        rows.append({"round": 0, "model": "zero_filled", "site": site, "split": "val", **scores})
+        scores = evaluate(exp.task, eval_sets[site], None, opts.bs, opts.num_workers, device)["baseline"]
+        rows.append({"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val", **scores})
     return rows

@@ -7,22 +7,24 @@ server calls the hooks in this order each round:
     begin_round -> for each selected client: [local_state -> training_loss per batch -> end_local]
     -> aggregate -> end_round -> evaluation through eval_state
 
-The base class is FedAvg: everything shared, weights uniform or by slices, plain L1 loss, one global
-model evaluated everywhere.
+The base class is FedAvg: everything shared, weights uniform or by slices, the task's loss, one
+global model evaluated everywhere. What is learned (model, sample, loss, optimiser) is the run's task
+(`self.task`, `federated/tasks/`); a strategy hands batches to the task and never reads their fields.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from federated.aggregation import weighted_average
-from models.unet import Unet
+from federated.tasks import task_for
+from federated.tasks.base import Batch, Task
 
 if TYPE_CHECKING:
-    from data.transforms import UnetSample
     from federated.client import Client
     from federated.experiment import Experiment
 
@@ -37,6 +39,11 @@ class Strategy:
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
 
+    @functools.cached_property
+    def task(self) -> Task:
+        """What is learned: the run's task (`--model`), made from the same options."""
+        return task_for(self.opts)
+
     # ---- flags -------------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -44,8 +51,7 @@ class Strategy:
 
     # ---- model and partition of its weights --------------------------------------------------
     def build_model(self, clients: list[Client]) -> nn.Module:
-        o = self.opts
-        return Unet(chans=o.chans, num_pool_layers=o.num_pools, drop_prob=o.drop_prob, norm=o.norm)
+        return self.task.build_model()
 
     def is_shared(self, key: str) -> bool:
         """Whether state_dict entry `key` is aggregated (True) or stays with each client (False)."""
@@ -85,14 +91,14 @@ class Strategy:
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:
         """Called once before the clients train in round `rnd` (1-based)."""
 
-    def training_loss(self, client: Client, model: nn.Module, batch: UnetSample,
-                      image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for one local step; `image`, `target` are (B, 1, H, W) on the device.
+    def training_loss(self, client: Client, model: nn.Module,
+                      batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one local step on `batch` (on the device): the task's loss of this method's
+        forward pass.
 
         Returns the loss to minimise and detached values to log (averaged over the client's steps).
         """
-        loss = nn.functional.l1_loss(model(image), target)
-        return loss, {}
+        return self.task.loss(self.forward(model, batch.inputs, client), batch), {}
 
     def end_local(self, client: Client, model: nn.Module) -> None:
         """Called after a client's local update succeeded, with the model holding its new weights."""
@@ -113,9 +119,9 @@ class Strategy:
             return global_state
         return {**global_state, **client.local_weights}
 
-    def forward(self, model: nn.Module, image: torch.Tensor, client: Client | None) -> torch.Tensor:
-        """Reconstruction (B, 1, H, W) of `image` for `client` (personalised models take the site)."""
-        return model(image)
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], client: Client | None) -> torch.Tensor:
+        """The task's prediction from `inputs` for `client` (personalised models take the site)."""
+        return self.task.forward(model, inputs)
 
     # ---- checkpointing of method state -------------------------------------------------------
     def state_dict(self) -> dict:
