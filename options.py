@@ -86,8 +86,12 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                       nargs="+", default=[0.08])
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=list(TASKS), default="unet",
-                       help="what is learned: " + "; ".join(f"{k}: {t.summary}" for k, t in TASKS.items()))
+    model.add_argument("--task", choices=["reconstruction", "synthesis"], default="reconstruction",
+                       help="reconstruction (the model is --model) or contrast synthesis (--source_contrast "
+                            "-> --target_contrast, pFLSynth's generator)")
+    model.add_argument("--model", choices=[k for k in TASKS if k != "synthesis"], default="unet",
+                       help="reconstruction model: " + "; ".join(f"{k}: {t.summary}" for k, t in TASKS.items()
+                                                                 if k != "synthesis"))
     model.add_argument("--chans", type=int, default=32, help="U-Net channels of the first level")
     model.add_argument("--num_pools", type=int, default=4, help="U-Net down-sampling levels")
     model.add_argument("--drop_prob", type=float, default=0.0)
@@ -132,11 +136,11 @@ def parse_options(argv: Sequence[str], prog: str, default_strategy: str,
     parser = build_parser(prog, default_strategy, description)
     argv = list(argv)
     opts = parser.parse_args(argv)
+    task = TASKS[task_name(opts)]
     if opts.demo or not argv:
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **task.demo_defaults})
         opts = parser.parse_args(argv)
         opts.demo = True
-    task = TASKS[task_name(opts)]
     if opts.lr is None:
         opts.lr = task.default_lr
     if opts.optimizer is None:

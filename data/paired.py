@@ -21,6 +21,7 @@ scored against the real target by that target's range.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -140,7 +141,7 @@ def match_subjects(site: Site, contrasts: Sequence[str], split: str) -> Matching
 
 
 def _by_subject(site: Site, contrast: str, split: str) -> dict[str, Path]:
-    files = site.files(contrast, split)
+    files = dataclasses.replace(site, sequence=None).files(contrast, split)  # not the site's own sequence
     names = [subject_name(f, contrast) for f in files]
     twice = sorted(n for n, k in Counter(names).items() if k > 1)
     if twice:

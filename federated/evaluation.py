@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from federated.client import make_loader
 from federated.tasks.base import Task
-from utils.metrics import summarize, volume_metrics
+from utils.metrics import summarize
 
 Predict = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]  # the task's model inputs -> output
 
@@ -75,9 +75,9 @@ def evaluate(task: Task, dataset: Dataset, predict: Predict | None, batch_size: 
     losses = [0.0, 0]
     model_rows, baseline_rows = [], []
     for vol in reconstruct_volumes(task, dataset, predict, batch_size, num_workers, device, losses):
-        baseline_rows.append(volume_metrics(vol.target, vol.baseline))
+        baseline_rows.append(task.volume_metrics(vol.target, vol.baseline))
         if predict is not None:
-            model_rows.append(volume_metrics(vol.target, vol.reconstruction))
+            model_rows.append(task.volume_metrics(vol.target, vol.reconstruction))
     result = {"baseline": summarize(baseline_rows)}
     if predict is not None:
         result["model"] = {**summarize(model_rows), "loss": losses[0] / max(losses[1], 1)}

@@ -70,8 +70,7 @@ def site_dataset(task: Task, site: Site, files: list[Path], opts: argparse.Names
     evaluation seeds masks from the file name (the same for every slice of a volume and every run)."""
     task.check_site(site)
     mask = create_mask_for_mask_type(opts.mask_type, opts.center_fractions, opts.accelerations)
-    return SliceDataset(files, task.transform(site, mask, train), fmt=site.format, challenge=site.challenge,
-                        resolution=opts.resolution, slice_range=site.slice_range)
+    return task.dataset(site, files, train, mask)
 
 
 def eval_set(exp: Experiment, site_name: str, split: str, opts: argparse.Namespace) -> SliceDataset:

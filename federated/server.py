@@ -189,6 +189,8 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
              + f"; target site {exp.test_site}; device {device}")
     eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}
+    for note in exp.task.notes():
+        log.info(note)
 
     model = strategy.build_model(exp.clients)
     if opts.pretrained:
@@ -234,7 +236,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         if improved:
             save_atomic(ckpt, run.best)
         run.write_metrics(state.metrics)
-    log.table(final_table(state.metrics, exp.eval_sites, strategy.name))
+    log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name))
     return state
 
 

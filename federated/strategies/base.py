@@ -67,14 +67,17 @@ class Strategy:
         the method needs beyond the clients' own)."""
 
     def init_client(self, client: Client, model: nn.Module) -> None:
-        """Create what this method keeps per client (in `client.extra`) before the first round."""
+        """Create what this method keeps per client (in `client.extra`) before the first round;
+        the base keeps what the task keeps."""
+        self.task.init_client(client, model)
 
     def client_state(self, client: Client) -> dict:
         """What `init_client` created, as tensors and plain values, for the checkpoint."""
-        return {}
+        return self.task.client_state(client)
 
     def load_client_state(self, client: Client, state: dict) -> None:
         """Restore what `client_state` returned."""
+        self.task.load_client_state(client, state)
 
     def client_weights(self, clients: list[Client]) -> list[float]:
         """Aggregation weight of each client: equal (the paper) or its number of training slices."""
@@ -98,10 +101,11 @@ class Strategy:
 
         Returns the loss to minimise and detached values to log (averaged over the client's steps).
         """
-        return self.task.loss(self.forward(model, batch.inputs, client), batch), {}
+        return self.task.training_loss(client, model, batch, lambda inputs: self.forward(model, inputs, client))
 
     def end_local(self, client: Client, model: nn.Module) -> None:
         """Called after a client's local update succeeded, with the model holding its new weights."""
+        self.task.end_local(client)
 
     def aggregate(self, global_state: State, client_states: list[State], weights: list[float]) -> State:
         """New global weights from the clients' weights; entries that are not shared keep their old value."""

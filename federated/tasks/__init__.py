@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 
 from federated.tasks.base import Task
+from federated.tasks.synthesis import Synthesis
 from federated.tasks.unet import UnetReconstruction
 
 TASKS: dict[str, type[Task]] = {
     "unet": UnetReconstruction,
+    "synthesis": Synthesis,
 }
 
 
 def task_name(opts: argparse.Namespace) -> str:
-    """Reconstruction tasks are named by their model (--model)."""
-    return opts.model
+    """Reconstruction tasks are named by their model (--model); --task synthesis by itself."""
+    return "synthesis" if getattr(opts, "task", "reconstruction") == "synthesis" else opts.model
 
 
 def task_for(opts: argparse.Namespace) -> Task:

@@ -58,6 +58,7 @@ class Task:
     has_latent = False  # encode/forward_with_latent exist (FL-MRCM's alignment, the domain gap)
     # Options that define the trained model: a checkpoint's values override the command's in --phase test.
     model_options: tuple[str, ...] = ()
+    demo_defaults: dict[str, Any] = {}  # --demo values of this task, over options.DEMO_DEFAULTS
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
@@ -78,6 +79,14 @@ class Task:
         """The per-slice transform `SliceDataset` calls (see its docstring for the arguments).
         Training draws a fresh mask per slice and epoch; evaluation seeds it from the file name."""
         raise NotImplementedError
+
+    def dataset(self, site: Site, files: list[Path], train: bool, mask_func: MaskFunc) -> torch.utils.data.Dataset:
+        """The slices of ``files`` (one site's volumes of the run's --sequence) as this task's samples;
+        the dataset has ``set_epoch(seed)``. Reconstruction: `SliceDataset` through `transform`."""
+        from data.mri_data import SliceDataset
+        return SliceDataset(files, self.transform(site, mask_func, train), fmt=site.format,
+                            challenge=site.challenge, resolution=self.opts.resolution,
+                            slice_range=site.slice_range)
 
     def to_device(self, samples: Any, device: torch.device) -> Batch:
         raise NotImplementedError
@@ -116,6 +125,26 @@ class Task:
     def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def training_loss(self, client: Any, model: nn.Module, batch: Batch,
+                      forward: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one local step of `client` and detached values to log; ``forward`` is the
+        strategy's forward pass. A task with per-client state (synthesis' discriminators) steps it here."""
+        return self.loss(forward(batch.inputs), batch), {}
+
+    # ---- per-client state the task keeps (in `client.extra`, beside the strategy's) ------------
+    def init_client(self, client: Any, model: nn.Module) -> None:
+        """Create what this task keeps per client before the first round."""
+
+    def client_state(self, client: Any) -> dict:
+        return {}
+
+    def load_client_state(self, client: Any, state: dict) -> None:
+        pass
+
+    def end_local(self, client: Any) -> None:
+        """Called after a client's local update succeeded (e.g. to step schedules of its own optimisers)."""
+
     def is_encoder(self, key: str) -> bool:
         """Whether a state_dict entry belongs to the model's encoder (FedMRI shares only that)."""
         raise UserError(f"the {self.name} task defines no encoder to share; choose another --strategy")
@@ -133,6 +162,15 @@ class Task:
         """Prediction, reference and baseline per slice on the original scale. `output` is the
         model's float32 output on the host (None: baseline only, the reconstruction is zeros)."""
         raise NotImplementedError
+
+    def volume_metrics(self, target: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
+        """Scores of one predicted volume (S, H, W) against its reference: fastMRI's NMSE, PSNR, SSIM."""
+        from utils.metrics import volume_metrics
+        return volume_metrics(target, prediction)
+
+    def notes(self) -> list[str]:
+        """Lines for the run's log about the data (e.g. subjects skipped), after the clients are built."""
+        return []
 
     def eval_loss_sum(self, samples: Any, output: torch.Tensor) -> float:
         """Sum over the batch's slices of the per-slice training loss (for the `loss` column of
