@@ -17,7 +17,7 @@ from federated.tasks import TASKS, task_name
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.figures import save_recon_grid
-from utils.metrics import summarize, volume_metrics
+from utils.metrics import summarize
 from utils.report import format_table
 from utils.runlog import write_metrics_csv
 
@@ -74,12 +74,13 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
                 f.create_dataset("reconstruction", data=vol.reconstruction.astype(np.float32))
             if vol.target is None:
                 continue
-            model_scores.append(volume_metrics(vol.target, vol.reconstruction))
-            zf_scores.append(volume_metrics(vol.target, vol.baseline))
+            model_scores.append(exp.task.volume_metrics(vol.target, vol.reconstruction))
+            zf_scores.append(exp.task.volume_metrics(vol.target, vol.baseline))
             if len(figure_rows) < FIGURE_VOLUMES:
                 mid = len(vol.slice_nums) // 2
                 figure_rows.append((f"{vol.fname} slice {vol.slice_nums[mid]}",
-                                    {"zero-filled": vol.baseline[mid], opts.strategy: vol.reconstruction[mid]},
+                                    {exp.task.baseline_name.replace("_", "-"): vol.baseline[mid],
+                                     opts.strategy: vol.reconstruction[mid]},
                                     vol.target[mid]))
         if model_scores:
             rows.append({"model": exp.task.baseline_name, "site": site, "split": "test", **summarize(zf_scores)})
@@ -90,7 +91,7 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
         write_metrics_csv(out / "metrics.csv", rows)
         log.table("test split (PSNR in dB)\n" + format_table(
             ["model", "site", "PSNR", "SSIM", "NMSE", "volumes"],
-            [[r["model"], r["site"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['nmse']:.4f}", r["volumes"]]
+            [[r["model"], r["site"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r.get('nmse', float('nan')):.4f}", r["volumes"]]
              for r in rows]))
     return rows
 

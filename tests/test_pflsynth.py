@@ -339,3 +339,62 @@ def test_discriminator_state_round_trips() -> None:
     fake, task = torch.rand(2, 1, 16, 16), torch.tensor([0, 0])
     torch.testing.assert_close(restored.step(source, target, fake, task), discs.step(source, target, fake, task))
     assert restored.optimizers[0].param_groups[0]["lr"] == discs.optimizers[0].param_groups[0]["lr"]
+
+
+# -- the task on the runner -------------------------------------------------------------------
+
+TINY_SYNTHESIS = ["--task", "synthesis", "--epochs", "1", "--local_ep", "1", "--local_bs", "4", "--ngf", "4",
+                  "--ndf", "4", "--n_blocks", "2", "--mapping_layers", "2", "--resolution", "32", "--quiet"]
+
+
+def synthesis_run(root: Path, save_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_SYNTHESIS, "--data_root", str(root), "--save_dir", str(save_dir), *extra]
+
+
+def test_pflsynth_round_keeps_blocks_and_discriminators_local(tiny_root, tmp_path) -> None:
+    from tests.conftest import run_cli
+    from utils.checkpoint import load_checkpoint
+    args = synthesis_run(tiny_root, tmp_path / "run", "--strategy", "pflsynth", "--pflsynth_shared_blocks", "1",
+                         "--train_dataset", "BI", "--test_dataset", "I")
+    assert run_cli(args) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    model_keys = set(PersonalizedGenerator(2, ngf=4, n_blocks=2, mapping_layers=2).state_dict())
+    shared = {k for k in model_keys if k.split(".")[0] in {"model_5", "model_6", "model_7", "model_8", "mapper"}}
+    assert set(ckpt["model"]) == model_keys  # no discriminator in the global state
+    for client in ckpt["clients"].values():
+        assert set(client["local_weights"]) == model_keys - shared
+        assert len(client["extra"]["discriminators"]["discriminators"]) == 1  # one task per site
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("0,identity,I,val,") for r in rows) and "ssim_head" in rows[0]
+
+    test_args = ["--phase", "test", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data_root",
+                 str(tiny_root), "--quiet"]
+    for i in (1, 2):
+        assert run_cli([*test_args, "--save_dir", str(tmp_path / f"test{i}")]) == 0
+    assert (tmp_path / "test1" / "test" / "metrics.csv").read_text() == \
+        (tmp_path / "test2" / "test" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedbn", "fedmri", "local", "central"])
+def test_methods_run_a_round_on_the_plain_generator(tiny_root, tmp_path, strategy: str) -> None:
+    from tests.conftest import run_cli
+    assert run_cli(synthesis_run(tiny_root, tmp_path / "run", "--strategy", strategy, "--train_dataset", "BI",
+                                 "--test_dataset", "I")) == 0
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--strategy", "pflsynth", "--source_contrast", "T2"], ["--source_contrast/--target_contrast", "both T2"]),
+    (["--strategy", "fedavg", "--target_contrast", "FLAIR"], ["no FLAIR folder", "its contrasts: PD, T1, T2"]),
+])
+def test_bad_synthesis_input_is_one_line(capsys, tiny_root, tmp_path, extra, needles) -> None:
+    from tests.conftest import run_cli
+    code = run_cli(synthesis_run(tiny_root, tmp_path / "run", "--train_dataset", "I", "--test_dataset", "I", *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and all(n in err for n in needles), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pflsynth_needs_the_synthesis_task(capsys, tiny_root, tmp_path) -> None:
+    from tests.conftest import TINY_RUN, run_cli
+    assert run_cli([*TINY_RUN, "--strategy", "pflsynth", "--data_root", str(tiny_root)]) == 2
+    assert "add --task synthesis" in capsys.readouterr().err

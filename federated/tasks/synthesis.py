@@ -73,10 +73,13 @@ class Synthesis(Task):
     name = "synthesis"
     summary = "contrast synthesis with pFLSynth's generator and a local PatchGAN per client and task"
     baseline_name = "identity"
-    model_options = ("ngf", "ndf", "n_blocks", "mapping_layers", "no_dropout", "source_contrast", "target_contrast")
+    # pflsynth_shared_blocks too: the strategy exists only for this task, and its split must match the checkpoint's.
+    model_options = ("ngf", "ndf", "n_blocks", "mapping_layers", "no_dropout", "source_contrast", "target_contrast",
+                     "pflsynth_shared_blocks")
     default_optimizer = "adam"
     default_lr = 2e-4
-    demo_defaults = dict(resolution=64, ngf=16, ndf=16, epochs=3, local_ep=1, local_bs=4, lr=2e-4)
+    # About 1.5 minutes on 2 CPU cores; batch size 1 as pFLSynth.
+    demo_defaults = dict(resolution=64, ngf=16, ndf=16, epochs=5, local_ep=1, local_bs=1, lr=2e-4)
 
     def __init__(self, opts):
         super().__init__(opts)
