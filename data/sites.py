@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from data.mri_data import CHALLENGES, FORMATS, is_volume_file, subsample_volumes, volume_suffixes
+from data.translation import Translation, parse_translation
 from utils.errors import DataError, UserError
 
 SITES_FILE_NAME = "sites.json"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SITE_KEYS = {"root", "format", "challenge", "slice_range", "description", "sequence", "multicoil_root"}
+_SITE_KEYS = {"root", "format", "challenge", "slice_range", "description", "sequence", "multicoil_root", "tasks"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Site:
 
     ``sequence``: the site's own sequence, used instead of the run's (None: the run's).
     ``multicoil_root``: where its multicoil files live, when not in ``root``.
+    ``tasks``: the site's own synthesis translations (``--task synthesis``; pFLSynth's variable-task
+    setting, e.g. ("T1->T2", "T2->PD")), used instead of the run's (empty: the run's).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Site:
     description: str = ""
     sequence: str | None = None
     multicoil_root: Path | None = None
+    tasks: tuple[Translation, ...] = ()
 
     def with_challenge(self, challenge: str) -> Site:
         """This site read as ``challenge``: a fastMRI HDF5 site switches to its multicoil files
@@ -166,8 +170,13 @@ def _parse_site(path: Path, name: str, entry: Any) -> Site:
     multicoil_root = entry.get("multicoil_root")
     if multicoil_root is not None and (not isinstance(multicoil_root, str) or not multicoil_root):
         raise DataError(f"{where}: multicoil_root must be a folder path, got {json.dumps(multicoil_root)}")
+    tasks = entry.get("tasks", [])
+    if not isinstance(tasks, list):
+        raise DataError(f"{where}: tasks must be a list of translations like [\"T1->T2\", \"T2->PD\"], got "
+                        f"{json.dumps(tasks)}")
+    tasks = tuple(dict.fromkeys(parse_translation(t, f"{where}, tasks") for t in tasks))
     return Site(name, _absolute(path, entry["root"]), fmt, challenge, slice_range, description,
-                sequence, _absolute(path, multicoil_root) if multicoil_root else None)
+                sequence, _absolute(path, multicoil_root) if multicoil_root else None, tasks)
 
 
 def _absolute(sites_file: Path, root: str) -> Path:

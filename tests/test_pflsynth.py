@@ -9,8 +9,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from data.paired import (ContrastSliceDataset, Translation, check_contrasts, match_subjects, parse_translation,
-                         subject_name, translation)
+from data.paired import ContrastSliceDataset, check_contrasts, match_subjects, subject_name
+from data.translation import Translation, parse_translation, translation
 from data.sites import Site
 from federated.site_discriminators import SiteDiscriminators
 from models.patchgan import PatchDiscriminator
@@ -398,3 +398,40 @@ def test_pflsynth_needs_the_synthesis_task(capsys, tiny_root, tmp_path) -> None:
     from tests.conftest import TINY_RUN, run_cli
     assert run_cli([*TINY_RUN, "--strategy", "pflsynth", "--data_root", str(tiny_root)]) == 2
     assert "add --task synthesis" in capsys.readouterr().err
+
+
+def variable_task_sites(root: Path, folder: Path, tasks: dict[str, list]) -> Path:
+    """A sites file for ``root``'s sites with per-site "tasks" (pFLSynth's variable-task setting)."""
+    import json
+    sites = json.loads((root / "sites.json").read_text())["sites"]
+    entries = {name: {**sites[name], "root": str(root / sites[name]["root"]), "tasks": t} for name, t in tasks.items()}
+    path = folder / "sites.json"
+    path.write_text(json.dumps({"sites": entries}))
+    return path
+
+
+def test_variable_tasks_train_one_discriminator_per_site_task(tiny_root, tmp_path) -> None:
+    from tests.conftest import run_cli
+    from utils.checkpoint import load_checkpoint
+    sites = variable_task_sites(tiny_root, tmp_path, {"I": ["T1->T2", "T2->PD"], "B": ["T1->T2", "FLAIR->T2"]})
+    args = [*TINY_SYNTHESIS, "--sites", str(sites), "--save_dir", str(tmp_path / "run"), "--strategy", "pflsynth",
+            "--pflsynth_shared_blocks", "1", "--train_dataset", "I,B", "--test_dataset", "I", "--local_bs", "1"]
+    assert run_cli(args) == 0
+    clients = load_checkpoint(tmp_path / "run" / "last.pt")["clients"]
+    for name in ("I", "B"):
+        discriminators = clients[name]["extra"]["discriminators"]
+        assert len(discriminators["discriminators"]) == 2
+        assert all(o["state"] for o in discriminators["optimizers"])  # both tasks were drawn and trained
+
+
+@pytest.mark.parametrize("tasks, needles", [(["T1->T2", "T1T2"], ["site 'I', tasks", "'T1T2' is not of the form"]),
+                                            (["T1->FLAIR"], ["no FLAIR folder", "its contrasts: PD, T1, T2"]),
+                                            (["T1->T1ce"], ["contrast T1ce has no place in the task code"])])
+def test_bad_site_tasks_are_one_line(capsys, tiny_root, tmp_path, tasks, needles) -> None:
+    from tests.conftest import run_cli
+    sites = variable_task_sites(tiny_root, tmp_path, {"I": tasks})
+    code = run_cli([*TINY_SYNTHESIS, "--sites", str(sites), "--save_dir", str(tmp_path / "run"),
+                    "--train_dataset", "I", "--test_dataset", "I"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and all(n in err for n in needles), err
+    assert not (tmp_path / "run").exists()

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.paired import (ContrastSlices, ContrastSliceDataset, Translation, check_contrasts, match_subjects,
-                         subject_name, translation)
+from data.paired import ContrastSlices, ContrastSliceDataset, check_contrasts, match_subjects, subject_name
+from data.translation import Translation, translation
 from data.sites import Site
 from federated.site_discriminators import SiteDiscriminators
 from federated.tasks.base import Batch, Task, VolumeParts
@@ -127,11 +127,17 @@ class Synthesis(Task):
         return CONTRASTS + tuple(sorted(set(named) - set(CONTRASTS)))
 
     def translations(self, site: Site) -> list[Translation]:
-        """The site's translation tasks (the run's one)."""
-        return [Translation(self.opts.source_contrast, self.opts.target_contrast)]
+        """The site's translation tasks: its own (a sites file's "tasks") or the run's one."""
+        return list(site.tasks) or [Translation(self.opts.source_contrast, self.opts.target_contrast)]
 
     def check_site(self, site: Site) -> None:
-        check_contrasts(site, self.translations(site))
+        tasks = self.translations(site)
+        unknown = sorted({c for t in tasks for c in t} - set(self.contrasts))
+        if unknown:
+            raise UserError(f"site '{site.name}' tasks {', '.join(map(str, tasks))}: contrast {', '.join(unknown)} "
+                            f"has no place in the task code (it covers {', '.join(self.contrasts)}); name it "
+                            "with --source_contrast/--target_contrast or use one of those")
+        check_contrasts(site, tasks)
 
     def dataset(self, site: Site, files: list[Path], train: bool, mask_func: Any) -> ContrastSliceDataset:
         """The subjects of ``files`` (volumes of the source contrast) that have every contrast of the
