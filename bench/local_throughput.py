@@ -105,7 +105,7 @@ def measure(args, scale, resolution: int, site: str) -> dict:
         timer.reset()
         with timer:
             start = time.perf_counter()
-            result = local_update(client, model, strategy, global_state, opts, device)
+            result = local_update(client, model, strategy, global_state, opts, device, rnd=1)
             end = time.perf_counter()
         client.optimizer_state, client.scheduler_state = result.optimizer_state, result.scheduler_state
         setup = (timer.first - start) + (end - timer.last)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from data.augment import with_augmentation
 from data.mri_data import SliceDataset, subsample_volumes
 from data.sites import ClientSpec, Site, assign_clients, parse_site_list, registry_for
 from data.subsample import create_mask_for_mask_type
@@ -70,7 +71,8 @@ def site_dataset(task: Task, site: Site, files: list[Path], opts: argparse.Names
     evaluation seeds masks from the file name (the same for every slice of a volume and every run)."""
     task.check_site(site)
     mask = create_mask_for_mask_type(opts.mask_type, opts.center_fractions, opts.accelerations)
-    return SliceDataset(files, task.transform(site, mask, train), fmt=site.format, challenge=site.challenge,
+    transform = with_augmentation(task.transform(site, mask, train), opts, train)
+    return SliceDataset(files, transform, fmt=site.format, challenge=site.challenge,
                         resolution=opts.resolution, slice_range=site.slice_range)
 
 
@@ -96,6 +98,10 @@ class ConcatSliceDataset(torch.utils.data.ConcatDataset):
     def set_epoch(self, seed: int | None) -> None:
         for d in self.datasets:
             d.set_epoch(seed)
+
+    def set_time(self, t: int, total: int) -> None:
+        for d in self.datasets:
+            d.set_time(t, total)
 
 
 def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment:

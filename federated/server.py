@@ -70,7 +70,7 @@ def run_round(rnd: int, model: nn.Module, strategy: Strategy, state: RunState, s
         before = copy.deepcopy(strategy.client_state(client))
         start = time.perf_counter()
         try:
-            result = local_update(client, model, strategy, state.global_state, opts, device)
+            result = local_update(client, model, strategy, state.global_state, opts, device, rnd=rnd)
         except Exception as e:  # one site's failure must not end the run
             strategy.load_client_state(client, before)
             log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: "
