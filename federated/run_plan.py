@@ -19,7 +19,7 @@ def describe_run(opts: argparse.Namespace, model: nn.Module, num_clients: int) -
 def projection(rnd: int, last_round: int, seconds: float, evaluated: bool, eval_every: int) -> str:
     """The rounds after `rnd` at the pace of round `rnd`, which took `seconds` (its evaluation
     included when `evaluated`). The first round also pays one-time costs (first reads of every file,
-    memory allocation), so the projection errs long."""
+    memory allocation), so the projection tends to err long."""
     left = last_round - rnd
     line = f"round {rnd} took {duration(seconds)}; the {left} rounds left: about {duration(left * seconds)}"
     if not evaluated:
