@@ -13,13 +13,18 @@ Target: FL / bare >= 0.95.
 """
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
                           spread, synthetic_root, timed_steps, verdict)
-from federated.client import local_update, make_loader
+from federated.client import local_update, make_loader  # noqa: E402
 
 TARGET = 0.95
 

@@ -96,8 +96,10 @@ class Task:
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UserError(f"--pretrained: the {self.name} task cannot load pretrained weights")
 
-    default_optimizer = "rmsprop"
-    default_lr = 1e-4
+    # The model's own flags (and the optimiser's) left unset on the command line take these values:
+    # `paper_defaults` at paper scale, updated by `demo_defaults` at demo scale (options.py).
+    paper_defaults: dict[str, object] = {}
+    demo_defaults: dict[str, object] = {}
 
     def make_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         """--optimizer at --lr (the parser fills both from the task's defaults when not given)."""

@@ -27,9 +27,11 @@ ENCODER_KEY = re.compile(r"(^|\.)unet\.(down_sample_layers|conv)\.")
 class VarNetReconstruction(Task):
     name = "varnet"
     summary = "fastMRI's E2E-VarNet on multicoil k-space (SSIM loss, Adam)"
-    default_optimizer = "adam"
-    default_lr = 3e-4
-    model_options = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools", "norm")
+    model_options = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools")
+    # fastMRI's VarNet module; the demo is sized for a few minutes on 2 CPU cores.
+    paper_defaults = {"num_cascades": 12, "chans": 18, "pools": 4, "sens_chans": 8, "sens_pools": 4,
+                      "lr": 3e-4, "optimizer": "adam"}
+    demo_defaults = {"num_cascades": 4, "chans": 8, "sens_chans": 4, "sens_pools": 3, "pools": 3}
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -37,10 +39,15 @@ class VarNetReconstruction(Task):
 
     @classmethod
     def add_arguments(cls, group) -> None:
-        group.add_argument("--num_cascades", type=int, default=12, help="VarNet cascades")
-        group.add_argument("--pools", type=int, default=4, help="down-sampling levels of each cascade's U-Net")
-        group.add_argument("--sens_chans", type=int, default=8, help="channels of the sensitivity U-Net")
-        group.add_argument("--sens_pools", type=int, default=4, help="down-sampling levels of the sensitivity U-Net")
+        d, demo = cls.paper_defaults, cls.demo_defaults
+        group.add_argument("--num_cascades", type=int, default=None,
+                           help=f"VarNet cascades (default {d['num_cascades']}, demo {demo['num_cascades']})")
+        group.add_argument("--pools", type=int, default=None,
+                           help=f"down-sampling levels of each cascade's U-Net (default 4, demo {demo['pools']})")
+        group.add_argument("--sens_chans", type=int, default=None,
+                           help=f"channels of the sensitivity U-Net (default {d['sens_chans']}, demo {demo['sens_chans']})")
+        group.add_argument("--sens_pools", type=int, default=None,
+                           help=f"down-sampling levels of the sensitivity U-Net (default 4, demo {demo['sens_pools']})")
 
     def check_options(self) -> None:
         for flag in ("num_cascades", "pools", "sens_chans", "sens_pools"):
