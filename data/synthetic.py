@@ -9,8 +9,9 @@ The sites mimic the FL-MRCM setting without any download:
     B  BraTS-like     NIfTI float32 magnitude, skull-stripped, with glioma-like lesions, native
                       matrix smaller than R (a reader pads it), extra end slices cut by slice_range
 
-Every subject is a procedural head phantom (`data.phantom`); its intensities come from tissue
-PD/T1/T2 and each site's sequence timings. Layout under the returned root:
+Every subject is a synthetic head (`data.brain_anatomy`: folded cortex, deep grey nuclei,
+ventricles, skull and scalp); its intensities come from tissue PD/T1/T2 at the site's field
+strength (`data.phantom`) and each site's sequence timings. Layout under the returned root:
 
     <root>/manifest.json                  parameters and generator version (written last)
     <root>/sites.json                     site registry entries (root, format, challenge, ...)
@@ -41,6 +42,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from data.brain_anatomy import REFERENCE_HEAD_SEMI_AXIS_MM
 from data.phantom import HEAD_HEIGHT_RATIO, TISSUES, sample_head, smooth_field
 from data.transforms import center_crop, fft2c_np as fft2c, ifft2c_np as ifft2c
 from utils.errors import UserError
@@ -55,7 +57,7 @@ __all__ = [
     "write_synthetic_sites",
 ]
 
-GENERATOR_VERSION = 2  # bump whenever the generated arrays change for the same parameters
+GENERATOR_VERSION = 3  # bump whenever the generated arrays change for the same parameters
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ SITES: dict[str, SiteSpec] = {
 }
 
 SPLITS = ("train", "val", "test")
-_HEAD_SEMI_AXIS_MM = 92.0  # antero-posterior half length of an average head
+_HEAD_SEMI_AXIS_MM = REFERENCE_HEAD_SEMI_AXIS_MM
 _SLICE_HEIGHTS = (-0.3, 0.6)  # axial coverage in unit head space (skull base side to vertex side)
 
 
@@ -260,7 +262,7 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
     head = _HEAD_SEMI_AXIS_MM / (0.5 * voxel_mm * n)  # head semi-axis in units of half the FOV
 
     anatomy_rng = _rng(config.seed, site_key, split_key, index, 0)
-    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions)
+    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions, skull=spec.skull)
     session_rng = _rng(config.seed, site_key, split_key, index, 1)
     bias = _bias_field(session_rng, phantom.coarse.shape, spec.bias)
     gain = session_rng.uniform(0.8, 1.25)  # scanner receive gain differs per session
@@ -271,7 +273,7 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
     for sequence in config.sequences:
         rng = _rng(config.seed, site_key, split_key, index, 2 + ("T1", "T2").index(sequence))
         tr, te = spec.timings[sequence]
-        magnitude = phantom.image(tr, te) * bias
+        magnitude = phantom.image(tr, te, spec.field_strength_t) * bias
         sigma = spec.noise * float(magnitude[phantom.fractions["air"] < 0.5].mean())
         volume = _Volume(subject=subject, sequence=sequence, slice_mm=slice_mm)
         if spec.format == "fastmri_h5":
@@ -407,7 +409,8 @@ def manifest(config: SyntheticConfig) -> dict:
         "version": GENERATOR_VERSION,
         "config": asdict(config),
         "sites": {name: asdict(spec) for name, spec in SITES.items()},
-        "tissues": {name: asdict(t) for name, t in TISSUES.items()},
+        "tissues": {f"{field}T": {name: asdict(t) for name, t in table.items()}
+                    for field, table in TISSUES.items()},
     }
     return json.loads(json.dumps(content))
 

@@ -269,7 +269,7 @@ def _bright_at_rim(volume: np.ndarray) -> float:
     """Share of the brightest 2% of head voxels that lie in the outer 3-pixel ring of the head.
 
     On T1 the scalp fat and skull marrow are the brightest tissues, so heads with a skull score high
-    and skull-stripped brains (white matter brightest, dark cortex at the edge) score near zero.
+    and skull-stripped brains (white matter brightest, darker cortex at the edge) score low.
     """
     v = volume / np.percentile(volume, 99.5)
     head = v > 0.2
@@ -285,7 +285,9 @@ def test_brats_like_site_is_skull_stripped(root: Path) -> None:
     # H is left out: its strong coil shading makes the brain centre brighter than its scalp.
     for site in ("F", "I"):
         assert min(_bright_at_rim(v) for v in _load_images(root, site, "T1")) > 0.25, site
-    assert max(_bright_at_rim(v) for v in _load_images(root, "B", "T1")) < 0.1
+    # Not zero: at this test's 3.75 mm pixels the 2.5 mm cortex is thinner than a pixel, so
+    # bright white matter reaches into the outer ring (measured <= 0.11; F and I >= 0.58).
+    assert max(_bright_at_rim(v) for v in _load_images(root, "B", "T1")) < 0.15
     for volume in _load_images(root, "B", "T2"):
         assert (volume == 0).mean() > 0.3  # background exactly zero outside the brain mask
 
