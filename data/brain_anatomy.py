@@ -351,10 +351,15 @@ def sample_anatomy(
     if lesions:
         _paint_lesion(rng, painter, voxel, (x, y, z), coarse, z_img, cavity * (1.0 - csf))
 
-    brain_share = _ramp((depth_mm + 1.0) / env_width)
-    if not skull:
-        painter.fill(1.0 - brain_share, {"air": 1.0})
-    return Anatomy(fractions=painter.fractions, coarse=coarse, fine=fine, brain=brain_share >= 0.5)
+    brain = _ramp((depth_mm + 1.0) / env_width) >= 0.5
+    if not skull:  # what a skull-stripping tool leaves: the brain mask, air around it
+        fractions = painter.fractions
+        for name in ("scalp", "fat", "bone", "marrow"):
+            fractions["air"] += fractions[name]
+            fractions[name][:] = 0.0
+        for name, frac in fractions.items():
+            frac[~brain] = 1.0 if name == "air" else 0.0
+    return Anatomy(fractions=painter.fractions, coarse=coarse, fine=fine, brain=brain)
 
 
 def _paint_head(rng: np.random.Generator, painter: _Painter, voxel: _Voxel, depth: np.ndarray,
@@ -398,14 +403,17 @@ def _clefts(rng: np.random.Generator, voxel: _Voxel, p: tuple[np.ndarray, ...], 
     # Sulci: sheets under the zero lines of a folding field on a sphere, bent by a smooth warp so
     # that they curve on their way in, and shallow where the field branches (weak gradient).
     # Computed only in the cortical shell.
-    deepest = 21.0 * size
+    deepest = 24.0 * size
     shell = np.flatnonzero((depth > -4.0) & (depth < deepest + 4.0))
-    bend = 6.0 * np.clip(depth, 0.0, 25.0) / 12.0  # radial at the surface, curving deeper in
+    bend = 4.0 * np.clip(depth, 0.0, 20.0) / 12.0  # radial at the surface, curving deeper in
     bent = (x + bend * smooth_field(rng, z_img, grid, grid, 20.0 * size),
             y + bend * smooth_field(rng, z_img, grid, grid, 20.0 * size), z)
-    q = [c.reshape(-1)[shell] for c in np.broadcast_arrays(*bent)]
-    wavelength = 18.0 * size * rng.uniform(0.9, 1.1)
+    # Stretched along z: on the lateral convexity more sulci cross axial slices steeply (the
+    # central, pre- and postcentral sulci run from the vertex downwards).
+    q = [c.reshape(-1)[shell] * s for c, s in zip(np.broadcast_arrays(*bent), (1.0, 1.0, 0.6))]
+    wavelength = 15.0 * size * rng.uniform(0.9, 1.1)
     g, grad = _waves_on_sphere(rng, tuple(q), 24, wavelength, 68.0 * size)
+    grad = (grad[0], grad[1], grad[2] * 0.6)  # back to unstretched z
     grad_norm = np.sqrt(grad[0] ** 2 + grad[1] ** 2 + grad[2] ** 2) + 1e-6
     typical = (2 * np.pi / wavelength) * math.sqrt(2.0 / 3.0)
     depth_field, _ = _waves_on_sphere(rng, tuple(q), 8, 45.0 * size, 68.0 * size)
@@ -418,8 +426,8 @@ def _clefts(rng: np.random.Generator, voxel: _Voxel, p: tuple[np.ndarray, ...], 
     u = scatter(np.abs(g) / grad_norm, 1e3)  # distance to the sulcal mid-plane
     width = scatter(voxel.width(np.sqrt(grad[0] ** 2 + grad[1] ** 2) / grad_norm,
                                 np.abs(grad[2]) / grad_norm), voxel.dx)
-    sulcal_depth = scatter(np.minimum(rng.uniform(13.0, 16.0) * size * np.clip(1.0 + 0.4 * depth_field, 0.3, 1.6)
-                                      * np.clip(grad_norm / typical, 0.35, 1.1), deepest), 0.0)
+    sulcal_depth = scatter(np.minimum(rng.uniform(16.0, 19.0) * size * np.clip(1.0 + 0.4 * depth_field, 0.3, 1.6)
+                                      * np.clip(grad_norm / typical, 0.5, 1.1), deepest), 0.0)
     half = (0.2 + 0.6 * atrophy) + 0.25 * np.maximum(3.0 - depth, 0.0)  # the mouth opens wider
 
     def sulci(c):
