@@ -15,14 +15,19 @@ among the few decoded ones this process keeps costs a whole volume.
 """
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
                           spread, synthetic_root, timed_steps, verdict)
-from federated.client import make_loader
-from federated.experiment import site_dataset
+from federated.client import make_loader  # noqa: E402
+from federated.experiment import site_dataset  # noqa: E402
 
 TARGET = 10.0
 SITES = "FHIB"

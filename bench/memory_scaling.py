@@ -19,8 +19,12 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
-from bench.common import REPO, base_parser, load_average, med, setup, synthetic_root, verdict
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, base_parser, load_average, med, setup, synthetic_root, verdict  # noqa: E402
 
 TARGET = 0.10
 

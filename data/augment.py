@@ -57,8 +57,6 @@ SCHEDULES = ("constant", "ramp", "exp")
 PAPER_WEIGHTS = {"translation": 1.0, "rotation": 0.5, "shearing": 1.0, "scaling": 1.0,
                  "rot90": 0.5, "fliph": 0.5, "flipv": 0.5}
 INTERPOLATION = {1: "bilinear", 3: "bicubic"}
-# Strategies that never exchange weights run MRAugment's own schedule, one step per epoch.
-EPOCH_SCHEDULED_STRATEGIES = ("central", "local")
 
 
 def schedule_p(t: float, total: int, *, schedule: str, strength: float, delay: int,
@@ -81,13 +79,12 @@ def schedule_p(t: float, total: int, *, schedule: str, strength: float, delay: i
     raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
-def schedule_length(opts: argparse.Namespace) -> int:
+def schedule_length(opts: argparse.Namespace, per_epoch: bool) -> int:
     """T, the planned number of schedule steps: rounds (``--epochs``) for federated strategies, where
-    every client follows the global round; epochs (``--epochs x --local_ep``) for central and local
-    training, which exchange nothing and so follow MRAugment's own per-epoch schedule."""
-    if opts.strategy in EPOCH_SCHEDULED_STRATEGIES:
-        return opts.epochs * opts.local_ep
-    return opts.epochs
+    every client follows the global round; epochs (``--epochs x --local_ep``) when ``per_epoch``
+    (central and local training, which exchange nothing and so follow MRAugment's own per-epoch
+    schedule; see ``Strategy.schedule_per_epoch``)."""
+    return opts.epochs * opts.local_ep if per_epoch else opts.epochs
 
 
 @dataclass(frozen=True)
@@ -423,9 +420,9 @@ def add_augment_arguments(group: argparse._ArgumentGroup) -> None:
                        help="centre-crop augmented training images larger than H x W")
 
 
-def check_augment_options(opts: argparse.Namespace) -> None:
+def check_augment_options(opts: argparse.Namespace, per_epoch: bool = False) -> None:
     """Raise ``UserError`` naming the first bad augmentation flag (data sizes: see
-    ``check_max_train_resolution``)."""
+    ``check_max_train_resolution``); ``per_epoch`` as in ``schedule_length``."""
     if not 0.0 <= opts.aug_strength <= 1.0:
         raise UserError(f"--aug_strength {opts.aug_strength}: must be in [0, 1]")
     if opts.aug_schedule not in SCHEDULES:
@@ -434,8 +431,8 @@ def check_augment_options(opts: argparse.Namespace) -> None:
         if getattr(opts, f"aug_weight_{name}") < 0:
             raise UserError(f"--aug_weight_{name} {getattr(opts, f'aug_weight_{name}')}: must be 0 or "
                             "more (0 turns the transform off)")
-    total = schedule_length(opts)
-    unit = "epochs (--epochs x --local_ep)" if opts.strategy in EPOCH_SCHEDULED_STRATEGIES else "rounds (--epochs)"
+    total = schedule_length(opts, per_epoch)
+    unit = "epochs (--epochs x --local_ep)" if per_epoch else "rounds (--epochs)"
     if not 0 <= opts.aug_delay < total:
         raise UserError(f"--aug_delay {opts.aug_delay}: must be 0 or more and below the {total} {unit}, "
                         "or augmentation never starts")

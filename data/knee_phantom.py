@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.phantom import fine_field, smooth_field
+from data.brain_anatomy import fine_field, smooth_field
 from data.sequences import Sequence
 
 __all__ = ["KNEE_TISSUES", "KneePhantom", "KneeTissue", "knee_slice_positions", "sample_knee"]

@@ -181,6 +181,10 @@ class ContrastSliceDataset(torch.utils.data.Dataset):
         transform draws (a variable-task site's task), or None: the same whatever the workers."""
         self.epoch_seed = epoch_seed
 
+    def set_time(self, t: int, total: int) -> None:
+        """The augmentation schedule's time (`SliceDataset.set_time`); synthesis refuses --aug_on, so
+        there is nothing to schedule."""
+
     def _image(self, contrast: str, i: int) -> np.ndarray:
         dataset = self._datasets[contrast]
         image = dataset[i]

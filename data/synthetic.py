@@ -13,11 +13,12 @@ The brain sites mimic the FL-MRCM setting without any download; K adds fastMRI's
                       (`reconstruction_esc`), zero-filled phase-encode edges; PD and
                       fat-saturated PD (PDFS)
 
-Every brain subject is a procedural head phantom (`data.phantom`), every knee one from
-`data.knee_phantom`; intensities come from tissue PD/T1/T2 through each site's sequences
-(`data.sequences`). All contrasts of a subject image the same phantom (registered), and carry the
-same file name in every contrast folder. With `SyntheticConfig.multicoil` the HDF5 sites F, H and
-K are also written as fastMRI multicoil files (`data.coils`: loop-coil sensitivities, noise
+Every brain subject is a synthetic head (`data.brain_anatomy`: folded cortex, deep grey nuclei,
+ventricles, skull and scalp; tissue PD/T1/T2 at the site's field strength in `data.phantom`), every
+knee one from `data.knee_phantom`; intensities come from those tissue parameters through each site's
+sequences (`data.sequences`). All contrasts of a subject image the same phantom (registered), and
+carry the same file name in every contrast folder. With `SyntheticConfig.multicoil` the HDF5 sites
+F, H and K are also written as fastMRI multicoil files (`data.coils`: loop-coil sensitivities, noise
 correlated across coils). Layout under the returned root:
 
     <root>/manifest.json                  parameters and generator version (written last)
@@ -50,6 +51,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from data.brain_anatomy import REFERENCE_HEAD_SEMI_AXIS_MM
 from data.coils import (correlated_noise, emulated_single_coil, loop_array, noise_covariance,
                         sensitivity_maps)
 from data.knee_phantom import KNEE_TISSUES, knee_slice_positions, sample_knee
@@ -68,7 +70,7 @@ __all__ = [
     "write_synthetic_sites",
 ]
 
-GENERATOR_VERSION = 3  # bump whenever the generated arrays change for the same parameters
+GENERATOR_VERSION = 4  # bump whenever the generated arrays change for the same parameters
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ SEQUENCES = ("T1", "T2", "PD", "FLAIR", "PDFS")
 MULTICOIL_FOLDER = "multicoil"
 
 SPLITS = ("train", "val", "test")
-_HEAD_SEMI_AXIS_MM = 92.0  # antero-posterior half length of an average head
+_HEAD_SEMI_AXIS_MM = REFERENCE_HEAD_SEMI_AXIS_MM
 _SLICE_HEIGHTS = (-0.3, 0.6)  # axial coverage in unit head space (skull base side to vertex side)
 _HEAD_COIL_RADIUS_MM = 120.0  # radius of the cylinder the head coil's loops sit on
 _KNEE_COIL_RADIUS_MM = 85.0
@@ -372,7 +374,7 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
     head = _HEAD_SEMI_AXIS_MM / (0.5 * voxel_mm * n)  # head semi-axis in units of half the FOV
 
     anatomy_rng = _rng(config.seed, site_key, split_key, index, 0)
-    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions)
+    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions, skull=spec.skull)
     session_rng = _rng(config.seed, site_key, split_key, index, 1)
     bias = _bias_field(session_rng, phantom.coarse.shape, spec.bias)
     gain = session_rng.uniform(0.8, 1.25)  # scanner receive gain differs per session
@@ -385,7 +387,7 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
     for sequence in config.site_sequences(site):
         key = SEQUENCES.index(sequence)
         rng = _rng(config.seed, site_key, split_key, index, 2 + key)
-        magnitude = phantom.image(spec.sequences[sequence]) * bias
+        magnitude = phantom.image(spec.sequences[sequence], spec.field_strength_t) * bias
         sigma = spec.noise * float(magnitude[inside].mean())
         volume = _Volume(subject=subject, sequence=sequence, slice_mm=slice_mm)
         if spec.format == "fastmri_h5":
@@ -609,7 +611,8 @@ def manifest(config: SyntheticConfig) -> dict:
         "version": GENERATOR_VERSION,
         "config": asdict(config),
         "sites": {name: asdict(spec) for name, spec in SITES.items()},
-        "tissues": {name: asdict(t) for name, t in TISSUES.items()},
+        "tissues": {f"{field}T": {name: asdict(t) for name, t in table.items()}
+                    for field, table in TISSUES.items()},
         "knee_tissues": {name: asdict(t) for name, t in KNEE_TISSUES.items()},
     }
     return json.loads(json.dumps(content))

@@ -58,7 +58,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: tor
 
 
 def local_update(client: Client, model: nn.Module, strategy: Strategy, global_state: State,
-                 opts, device: torch.device) -> LocalResult:
+                 opts, device: torch.device, *, rnd: int) -> LocalResult:
     """Train `model` on the client's data for `opts.local_ep` epochs, starting from the strategy's
     choice of weights; the task's optimiser and StepLR (stepped once per round) persist across rounds.
 
@@ -78,9 +78,11 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for _ in range(opts.local_ep):
-        # A fresh, reproducible mask for every slice in every epoch, whatever the number of workers.
+    for epoch in range(opts.local_ep):
+        # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
+        # number of workers.
         client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
+        client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
         for samples in loader:
             batch = task.to_device(samples, device)
             with autocast(opts, device):

@@ -96,6 +96,10 @@ class ConcatSliceDataset(torch.utils.data.ConcatDataset):
         for d in self.datasets:
             d.set_epoch(seed)
 
+    def set_time(self, t: int, total: int) -> None:
+        for d in self.datasets:
+            d.set_time(t, total)
+
 
 def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment:
     registry, synthetic_root = resolve_registry(opts)

@@ -18,6 +18,7 @@ from federated.domain_gap import mmd2, pooled_latents
 from federated.evaluation import evaluate
 from federated.experiment import Experiment, build_experiment, eval_set
 from federated.precision import autocast_forward
+from federated.run_plan import describe_run, projection
 from federated.strategies.base import State, Strategy
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
@@ -70,7 +71,7 @@ def run_round(rnd: int, model: nn.Module, strategy: Strategy, state: RunState, s
         before = copy.deepcopy(strategy.client_state(client))
         start = time.perf_counter()
         try:
-            result = local_update(client, model, strategy, state.global_state, opts, device)
+            result = local_update(client, model, strategy, state.global_state, opts, device, rnd=rnd)
         except Exception as e:  # one site's failure must not end the run
             strategy.load_client_state(client, before)
             log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: "
@@ -199,6 +200,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     strategy.prepare(exp, model, device)
     for c in exp.clients:
         strategy.init_client(c, model)
+    log.info(describe_run(opts, model, len(exp.clients)))
     state = RunState(global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                      server_generator=torch.Generator().manual_seed(opts.seed))
 
@@ -236,6 +238,9 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         if improved:
             save_atomic(ckpt, run.best)
         run.write_metrics(state.metrics)
+        if rnd == rounds.start and rnd < opts.epochs:
+            log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,
+                                opts.eval_every))
     log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name))
     return state
 

@@ -331,7 +331,7 @@ def test_bad_flags_raise_one_line_naming_the_flag(args, flag):
 def test_good_flags_pass_and_central_delay_counts_epochs():
     check_augment_options(parse_options(["--aug_on"], "x", "fedavg", ""))
     check_augment_options(parse_options(["--aug_delay", "7", "--epochs", "5", "--local_ep", "2",
-                                         "--strategy", "central"], "x", "fedavg", ""))
+                                         "--strategy", "central"], "x", "fedavg", ""), per_epoch=True)
 
 
 def test_max_train_resolution_larger_than_the_data_is_refused(tmp_path):

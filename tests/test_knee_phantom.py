@@ -20,12 +20,13 @@ def test_spin_echo_and_inversion_recovery_formulas() -> None:
 
 def test_flair_nulls_csf_and_keeps_lesions_bright() -> None:
     flair = InversionRecovery(9000.0, 120.0, 2500.0)
-    s = {name: flair.signal(t.pd, t.t1, t.t2) for name, t in TISSUES.items() if name != "air"}
+    tissues = TISSUES[1.5]  # the BraTS-like site's field strength
+    s = {name: flair.signal(t.pd, t.t1, t.t2) for name, t in tissues.items() if name != "air"}
     assert s["csf"] < 0.3 * s["wm"]
     assert s["oedema"] > s["gm"] > s["wm"]
     t2 = SpinEcho(2500.0, 90.0)
-    assert t2.signal(TISSUES["csf"].pd, TISSUES["csf"].t1, TISSUES["csf"].t2) > t2.signal(
-        TISSUES["wm"].pd, TISSUES["wm"].t1, TISSUES["wm"].t2)
+    assert t2.signal(tissues["csf"].pd, tissues["csf"].t1, tissues["csf"].t2) > t2.signal(
+        tissues["wm"].pd, tissues["wm"].t1, tissues["wm"].t2)
 
 
 def test_fat_saturation_suppresses_only_the_fat_share() -> None:

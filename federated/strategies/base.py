@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from data.augment import schedule_length
 from federated.aggregation import weighted_average
 from federated.tasks import task_for
 from federated.tasks.base import Batch, Task
@@ -35,6 +36,9 @@ class Strategy:
     name = "fedavg"
     summary = "FedAvg (FL-MR): every client trains locally, all weights are averaged"
     personalized = False  # True: each client keeps its own model, evaluated on its own data
+    # Augmentation schedules (MRAugment's p(t)) step once per round, as every client follows the
+    # global round; methods that exchange nothing step them once per local epoch, as MRAugment does.
+    schedule_per_epoch = False
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
@@ -89,6 +93,14 @@ class Strategy:
         """The weights a client starts its local update from: the global weights, with its own
         local entries where it has them."""
         return {**global_state, **client.local_weights}
+
+    def schedule_time(self, rnd: int, epoch: int) -> tuple[int, int]:
+        """(t, T) of the augmentation schedule for local epoch `epoch` (0-based) of round `rnd`
+        (1-based): t 0-based, T the planned total."""
+        total = schedule_length(self.opts, self.schedule_per_epoch)
+        if self.schedule_per_epoch:
+            return (rnd - 1) * self.opts.local_ep + epoch, total
+        return rnd - 1, total
 
     # ---- the round ---------------------------------------------------------------------------
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:

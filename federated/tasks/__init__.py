@@ -6,9 +6,11 @@ import argparse
 from federated.tasks.base import Task
 from federated.tasks.synthesis import Synthesis
 from federated.tasks.unet import UnetReconstruction
+from federated.tasks.varnet import VarNetReconstruction
 
 TASKS: dict[str, type[Task]] = {
     "unet": UnetReconstruction,
+    "varnet": VarNetReconstruction,
     "synthesis": Synthesis,
 }
 

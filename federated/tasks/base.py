@@ -58,7 +58,6 @@ class Task:
     has_latent = False  # encode/forward_with_latent exist (FL-MRCM's alignment, the domain gap)
     # Options that define the trained model: a checkpoint's values override the command's in --phase test.
     model_options: tuple[str, ...] = ()
-    demo_defaults: dict[str, Any] = {}  # --demo values of this task, over options.DEMO_DEFAULTS
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
@@ -82,9 +81,12 @@ class Task:
 
     def dataset(self, site: Site, files: list[Path], train: bool, mask_func: MaskFunc) -> torch.utils.data.Dataset:
         """The slices of ``files`` (one site's volumes of the run's --sequence) as this task's samples;
-        the dataset has ``set_epoch(seed)``. Reconstruction: `SliceDataset` through `transform`."""
+        the dataset has ``set_epoch(seed)``. Reconstruction: `SliceDataset` through `transform`
+        (wrapped by MRAugment when training asks for it)."""
+        from data.augment import with_augmentation
         from data.mri_data import SliceDataset
-        return SliceDataset(files, self.transform(site, mask_func, train), fmt=site.format,
+        transform = with_augmentation(self.transform(site, mask_func, train), self.opts, train)
+        return SliceDataset(files, transform, fmt=site.format,
                             challenge=site.challenge, resolution=self.opts.resolution,
                             slice_range=site.slice_range)
 
@@ -105,8 +107,10 @@ class Task:
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UserError(f"--pretrained: the {self.name} task cannot load pretrained weights")
 
-    default_optimizer = "rmsprop"
-    default_lr = 1e-4
+    # The model's own flags (and the optimiser's) left unset on the command line take these values:
+    # `paper_defaults` at paper scale, updated by `demo_defaults` at demo scale (options.py).
+    paper_defaults: dict[str, object] = {}
+    demo_defaults: dict[str, object] = {}
 
     def make_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         """--optimizer at --lr (the parser fills both from the task's defaults when not given)."""

@@ -76,10 +76,9 @@ class Synthesis(Task):
     # pflsynth_shared_blocks too: the strategy exists only for this task, and its split must match the checkpoint's.
     model_options = ("ngf", "ndf", "n_blocks", "mapping_layers", "no_dropout", "source_contrast", "target_contrast",
                      "pflsynth_shared_blocks")
-    default_optimizer = "adam"
-    default_lr = 2e-4
-    # About 1.5 minutes on 2 CPU cores; batch size 1 as pFLSynth.
-    demo_defaults = dict(resolution=64, ngf=16, ndf=16, epochs=5, local_ep=1, local_bs=1, lr=2e-4)
+    # pFLSynth's sizes and optimiser; the demo's small networks on 64 x 64 sites.
+    paper_defaults = {"ngf": 64, "ndf": 64, "lr": 2e-4, "optimizer": "adam"}
+    demo_defaults = {"ngf": 16, "ndf": 16, "resolution": 64}
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -90,8 +89,8 @@ class Synthesis(Task):
     def add_arguments(cls, group) -> None:
         group.add_argument("--source_contrast", default="T1", help="contrast folder the generator reads")
         group.add_argument("--target_contrast", default="T2", help="contrast folder it synthesises")
-        group.add_argument("--ngf", type=int, default=64, help="generator channels of the first stage (pFLSynth: 64)")
-        group.add_argument("--ndf", type=int, default=64, help="discriminator channels of the first layer (pFLSynth: 64)")
+        group.add_argument("--ngf", type=int, default=None, help="generator channels of the first stage (pFLSynth: 64; demo 16)")
+        group.add_argument("--ndf", type=int, default=None, help="discriminator channels of the first layer (pFLSynth: 64; demo 16)")
         group.add_argument("--n_blocks", type=int, default=9, help="generator residual blocks (pFLSynth: 9)")
         group.add_argument("--mapping_layers", type=int, default=6, help="pflsynth mapper depth (pFLSynth: 6)")
         group.add_argument("--no_dropout", action="store_true", help="no Dropout(0.5) in the residual blocks")
@@ -110,6 +109,9 @@ class Synthesis(Task):
         for flag in ("ngf", "ndf", "n_blocks", "mapping_layers"):
             if getattr(o, flag) < 1:
                 raise UserError(f"--{flag} {getattr(o, flag)}: must be at least 1")
+        if getattr(o, "aug_on", False):
+            raise UserError("--aug_on: MRAugment augments k-space for reconstruction; --task synthesis has no "
+                            "augmentation yet: leave --aug_on out")
         if o.niter < 0 or o.niter_decay < 0:
             raise UserError("--niter and --niter_decay must be 0 or more")
         o.sequence = o.source_contrast  # the contrast whose folders list a site's subjects

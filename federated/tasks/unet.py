@@ -24,6 +24,8 @@ class UnetReconstruction(Task):
     summary = "the fastMRI U-Net on zero-filled magnitude images (L1 loss, RMSprop)"
     has_latent = True
     model_options = ("chans", "num_pools", "drop_prob", "norm")
+    paper_defaults = {"chans": 32, "lr": 1e-4, "optimizer": "rmsprop"}  # FL-MRCM's
+    demo_defaults = {"chans": 16, "lr": 3e-4}
 
     def check_options(self) -> None:
         o = self.opts
