@@ -11,8 +11,12 @@ def describe_run(opts: argparse.Namespace, model: nn.Module, num_clients: int) -
     """One line: scale, rounds, model size, clients, batch and learning rate."""
     params = sum(p.numel() for p in model.parameters())
     scale = "demo scale" if opts.demo else "paper scale"
+    if getattr(opts, "task", "reconstruction") == "synthesis":
+        size = f"synthesis {opts.source_contrast}->{opts.target_contrast} generator --ngf {opts.ngf}"
+    else:
+        size = f"{opts.model} --chans {opts.chans}"
     return (f"{scale}: {opts.epochs} rounds x {opts.local_ep} local epochs, {num_clients} clients, "
-            f"{opts.model} --chans {opts.chans} ({params:,} parameters), --local_bs {opts.local_bs}, "
+            f"{size} ({params:,} parameters), --local_bs {opts.local_bs}, "
             f"--lr {opts.lr:g}; the time left is projected from the first round and printed after it")
 
 
