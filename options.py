@@ -148,20 +148,29 @@ def parse_options(argv: Sequence[str], prog: str, default_strategy: str,
     argv = list(argv)
     opts = parser.parse_args(argv)
     scale = resolve_scale(parser, argv, opts)
-    if scale == "demo":
-        parser.set_defaults(**DEMO_DEFAULTS)
+    demo = scale == "demo"
+    # Flags with a parser default (--epochs, --local_bs, ...) take the task's value at this scale
+    # (pFLSynth trains at batch size 1); the command's own values still win.
+    values = task_scale_values(TASKS[task_name(opts)], demo)
+    run_defaults = {**(DEMO_DEFAULTS if demo else {}),
+                    **{k: v for k, v in values.items() if parser.get_default(k) is not None}}
+    if run_defaults:
+        parser.set_defaults(**run_defaults)
         opts = parser.parse_args(argv)
-    opts.scale, opts.demo = scale, scale == "demo"
+    opts.scale, opts.demo = scale, demo
     fill_task_defaults(opts)
     return opts
 
 
+def task_scale_values(task, demo: bool) -> dict[str, object]:
+    """`Task.paper_defaults`, updated by `Task.demo_defaults` at demo scale."""
+    return {**task.paper_defaults, **(task.demo_defaults if demo else {})}
+
+
 def fill_task_defaults(opts: argparse.Namespace) -> None:
-    """The model's own flags that the command left unset: the task's demo values at demo scale,
-    else its paper values (`Task.paper_defaults`, `Task.demo_defaults`)."""
-    task = TASKS[task_name(opts)]
-    values = {**task.paper_defaults, **(task.demo_defaults if opts.demo else {})}
-    for key, value in values.items():
+    """The model's own flags that the command left unset (default None): the task's demo values at
+    demo scale, else its paper values (`Task.paper_defaults`, `Task.demo_defaults`)."""
+    for key, value in task_scale_values(TASKS[task_name(opts)], opts.demo).items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
 

@@ -38,6 +38,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # `_` joins axis values into
 RUNNER_FLAGS = {"save_dir", "continues", "resume", "overwrite", "phase", "checkpoint"}
 TOP_KEYS = {"description", "entry", "flags", "test_phase", "axes", "runs", "table", "scales"}
 TABLE_KEYS = {"rows", "columns", "seeds"}
+# `"table": {"columns": "sites"}`: a column per site (and task) each run evaluates, not only its target.
+EVERY_SITE = "sites"
 
 Flags = dict[str, tuple[str, Any]]  # argparse dest -> (option string, JSON value)
 
@@ -290,7 +292,7 @@ class _Expander:
             raise self.fail("table", f"must be an object with {', '.join(sorted(TABLE_KEYS))} (axis names)")
         known = {axis for r in runs for axis in r.coords}
         for key, axis in raw.items():
-            if axis not in known:
+            if axis not in known and not (key == "columns" and axis == EVERY_SITE):
                 raise self.fail(f"table.{key}", f"{axis!r} is not an axis of the runs ({', '.join(sorted(known))})")
         return {key: raw.get(key) for key in sorted(TABLE_KEYS)}
 

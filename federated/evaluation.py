@@ -21,13 +21,15 @@ class Volume:
     """One predicted volume on the original scale; arrays are (S, H, W) float32.
 
     `target` is None for files without a reference (challenge/test files); `baseline` is the task's
-    model-free reference (the zero-filled reconstruction).
+    model-free reference (the zero-filled reconstruction). `part` names what of the site it was
+    evaluated on, where a task evaluates a site in parts (synthesis: each translation; else "").
     """
     fname: str
     slice_nums: list[int]
     reconstruction: np.ndarray
     target: np.ndarray | None
     baseline: np.ndarray
+    part: str = ""
 
 
 @torch.no_grad()
@@ -40,7 +42,7 @@ def reconstruct_volumes(task: Task, dataset: Dataset, predict: Predict | None, b
     accumulate the sum of per-slice training losses and the number of slices.
     """
     loader = make_loader(dataset, batch_size, False, None, num_workers, device)
-    fname, parts = None, []
+    key, parts = None, []
     for samples in loader:
         output = None
         if predict is not None:
@@ -51,34 +53,47 @@ def reconstruct_volumes(task: Task, dataset: Dataset, predict: Predict | None, b
         vol = task.volume_parts(samples, output)
         names, slice_nums = task.names(samples)
         target = vol.target if vol.target is not None else [None] * len(names)
-        for i, name in enumerate(names):
-            if name != fname and parts:
-                yield _stack(fname, parts)
+        for i, name in enumerate(zip(task.parts(samples), names)):
+            if name != key and parts:
+                yield _stack(key, parts)
                 parts = []
-            fname = name
+            key = name
             parts.append((slice_nums[i], vol.reconstruction[i], target[i], vol.baseline[i]))
     if parts:
-        yield _stack(fname, parts)
+        yield _stack(key, parts)
 
 
-def _stack(fname: str, parts: list) -> Volume:
+def _stack(key: tuple[str, str], parts: list) -> Volume:
     parts.sort(key=lambda p: p[0])
     target = None if parts[0][2] is None else np.stack([p[2] for p in parts])
-    return Volume(fname, [p[0] for p in parts], np.stack([p[1] for p in parts]), target,
-                  np.stack([p[3] for p in parts]))
+    return Volume(key[1], [p[0] for p in parts], np.stack([p[1] for p in parts]), target,
+                  np.stack([p[3] for p in parts]), key[0])
 
 
 def evaluate(task: Task, dataset: Dataset, predict: Predict | None, batch_size: int, num_workers: int,
              device: torch.device) -> dict[str, dict[str, float]]:
     """Mean and std over volumes of the metrics of `predict` ("model") and of the task's baseline
     ("baseline"); "model" also carries the mean per-slice training loss as "loss"."""
+    parts = evaluate_parts(task, dataset, predict, batch_size, num_workers, device, merged=True)
+    return parts[""]
+
+
+def evaluate_parts(task: Task, dataset: Dataset, predict: Predict | None, batch_size: int, num_workers: int,
+                   device: torch.device, merged: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """`evaluate` for each part of the site that the task scores separately (`Task.parts`:
+    synthesis' translations), in order of appearance: part -> {"baseline": ..., "model": ...}; one
+    part "" for a task that scores a site as one, or with `merged`. A part's "loss" is the mean
+    over all the dataset's slices (batches may hold slices of two parts)."""
     losses = [0.0, 0]
-    model_rows, baseline_rows = [], []
+    rows: dict[str, tuple[list, list]] = {"": ([], [])} if merged else {}
     for vol in reconstruct_volumes(task, dataset, predict, batch_size, num_workers, device, losses):
-        baseline_rows.append(task.volume_metrics(vol.target, vol.baseline))
+        baseline, model = rows.setdefault("" if merged else vol.part, ([], []))
+        baseline.append(task.volume_metrics(vol.target, vol.baseline))
         if predict is not None:
-            model_rows.append(task.volume_metrics(vol.target, vol.reconstruction))
-    result = {"baseline": summarize(baseline_rows)}
-    if predict is not None:
-        result["model"] = {**summarize(model_rows), "loss": losses[0] / max(losses[1], 1)}
-    return result
+            model.append(task.volume_metrics(vol.target, vol.reconstruction))
+    results = {}
+    for part, (baseline, model) in rows.items():
+        results[part] = {"baseline": summarize(baseline)}
+        if predict is not None:
+            results[part]["model"] = {**summarize(model), "loss": losses[0] / max(losses[1], 1)}
+    return results

@@ -1,17 +1,17 @@
-"""--phase test: evaluate a run checkpoint on the test split, write the reconstructions in the fastMRI
-submission layout (one HDF5 per volume with dataset `reconstruction`) and a figure of a few slices."""
+"""--phase test: evaluate a run checkpoint on the test split, write the predicted volumes (the task's
+`write_volume`: reconstructions in the fastMRI submission layout, one HDF5 per volume with dataset
+`reconstruction`; syntheses as NIfTI or HDF5, one folder per translation) and a figure of a few
+slices per evaluated model and site."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
-
-import h5py
-import numpy as np
 
 from federated.evaluation import reconstruct_volumes
 from federated.experiment import build_experiment, eval_set
 from federated.precision import autocast_forward
-from federated.server import evaluation_plan, resolve_device
+from federated.server import evaluation_plan, part_column, resolve_device
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS, task_name
 from utils.checkpoint import load_checkpoint
@@ -65,39 +65,40 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
     for label, client, site in evaluation_plan(strategy, exp):
         model.load_state_dict(strategy.eval_state(ckpt["model"], client))
         predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
-        folder = out / "reconstructions" / (site if label == "global" else f"{label}-on-{site}")
-        folder.mkdir(parents=True, exist_ok=True)
-        model_scores, zf_scores, figure_rows = [], [], []
+        base = out / "reconstructions" / (site if label == "global" else f"{label}-on-{site}")
+        scores: dict[str, tuple[list, list]] = {}  # part -> (model, baseline) metrics per volume
+        figure_rows, shown = [], Counter()
         for vol in reconstruct_volumes(exp.task, eval_set(exp, site, "test", opts), predict, opts.bs,
                                        opts.num_workers, device):
-            with h5py.File(folder / (_stem(vol.fname) + ".h5"), "w") as f:
-                f.create_dataset("reconstruction", data=vol.reconstruction.astype(np.float32))
+            folder = base / part_folder(vol.part)
+            folder.mkdir(parents=True, exist_ok=True)
+            exp.task.write_volume(folder, vol, exp.registry[site])
             if vol.target is None:
                 continue
+            model_scores, zf_scores = scores.setdefault(vol.part, ([], []))
             model_scores.append(exp.task.volume_metrics(vol.target, vol.reconstruction))
             zf_scores.append(exp.task.volume_metrics(vol.target, vol.baseline))
-            if len(figure_rows) < FIGURE_VOLUMES:
+            if shown[vol.part] < FIGURE_VOLUMES:
+                shown[vol.part] += 1
                 mid = len(vol.slice_nums) // 2
-                figure_rows.append((f"{vol.fname} slice {vol.slice_nums[mid]}",
-                                    {exp.task.baseline_name.replace("_", "-"): vol.baseline[mid],
-                                     opts.strategy: vol.reconstruction[mid]},
-                                    vol.target[mid]))
-        if model_scores:
-            rows.append({"model": exp.task.baseline_name, "site": site, "split": "test", **summarize(zf_scores)})
-            rows.append({"model": label, "site": site, "split": "test", **summarize(model_scores)})
-            save_recon_grid(out / "figures" / f"{folder.name}.png", figure_rows)
-        log.info(f"wrote {folder}")
+                figure_rows.append((f"{vol.part} {vol.fname} slice {vol.slice_nums[mid]}".strip(),
+                                    exp.task.figure_images(vol, mid, opts.strategy), vol.target[mid]))
+        for part, (model_scores, zf_scores) in scores.items():
+            where = {"site": site, **part_column(part), "split": "test"}
+            rows.append({"model": exp.task.baseline_name, **where, **summarize(zf_scores)})
+            rows.append({"model": label, **where, **summarize(model_scores)})
+        if figure_rows:
+            save_recon_grid(out / "figures" / f"{base.name}.png", figure_rows)
+        log.info(f"wrote {base}")
     if rows:
         write_metrics_csv(out / "metrics.csv", rows)
         log.table("test split (PSNR in dB)\n" + format_table(
             ["model", "site", "PSNR", "SSIM", "NMSE", "volumes"],
-            [[r["model"], r["site"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r.get('nmse', float('nan')):.4f}", r["volumes"]]
+            [[r["model"], f"{r['site']} {r.get('task', '')}".strip(), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r.get('nmse', float('nan')):.4f}", r["volumes"]]
              for r in rows]))
     return rows
 
 
-def _stem(fname: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if fname.endswith(suffix):
-            return fname[: -len(suffix)]
-    return fname
+def part_folder(part: str) -> str:
+    """The subfolder of a part's outputs ("T1->T2" -> "T1-to-T2"); "" (the site's folder) for none."""
+    return part.replace("->", "-to-")

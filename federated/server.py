@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from federated.client import Client, ClientFailure, local_update
 from federated.domain_gap import mmd2, pooled_latents
-from federated.evaluation import evaluate
+from federated.evaluation import evaluate_parts
 from federated.experiment import Experiment, build_experiment, eval_set
 from federated.precision import autocast_forward
 from federated.run_plan import describe_run, projection
@@ -103,9 +103,10 @@ def evaluate_round(rnd: int, model: nn.Module, strategy: Strategy, exp: Experime
         model.load_state_dict(strategy.eval_state(state.global_state, client))
         model.eval()
         predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
-        scores = evaluate(exp.task, eval_sets[site], predict, opts.bs, opts.num_workers, device)["model"]
-        rows.append({"round": rnd, "model": label, "site": site, "split": "val", **scores,
-                     "seconds": time.perf_counter() - start})
+        parts = evaluate_parts(exp.task, eval_sets[site], predict, opts.bs, opts.num_workers, device)
+        for part, scores in parts.items():
+            rows.append({"round": rnd, "model": label, "site": site, "split": "val", **part_column(part),
+                         **scores["model"], "seconds": time.perf_counter() - start})
     if not strategy.personalized and exp.task.has_latent:
         rows.append(domain_gap_row(rnd, model, exp, state, eval_sets, device))
     return rows
@@ -249,6 +250,13 @@ def baseline_rows(exp: Experiment, eval_sets: dict, opts: argparse.Namespace, de
     """Round 0: the task's model-free baseline (zero-filled for reconstruction) on every site."""
     rows = []
     for site in exp.eval_sites:
-        scores = evaluate(exp.task, eval_sets[site], None, opts.bs, opts.num_workers, device)["baseline"]
-        rows.append({"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val", **scores})
+        parts = evaluate_parts(exp.task, eval_sets[site], None, opts.bs, opts.num_workers, device)
+        for part, scores in parts.items():
+            rows.append({"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val",
+                         **part_column(part), **scores["baseline"]})
     return rows
+
+
+def part_column(part: str) -> dict[str, str]:
+    """The `task` column of a metrics row scored on one part of a site (synthesis: a translation)."""
+    return {"task": part} if part else {}

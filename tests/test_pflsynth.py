@@ -435,3 +435,42 @@ def test_bad_site_tasks_are_one_line(capsys, tiny_root, tmp_path, tasks, needles
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and all(n in err for n in needles), err
     assert not (tmp_path / "run").exists()
+
+
+def test_variable_task_sites_are_scored_and_written_per_task(tiny_root, tmp_path) -> None:
+    import csv
+    import nibabel as nib
+    from tests.conftest import run_cli
+    args = [*TINY_SYNTHESIS, "--data_root", str(tiny_root), "--save_dir", str(tmp_path / "run"), "--strategy",
+            "pflsynth", "--pflsynth_shared_blocks", "1", "--train_dataset", "I,F", "--test_dataset", "I",
+            "--local_bs", "1", "--site_tasks", "I=T1->T2,T2->PD", "F=T2->T1"]
+    assert run_cli(args) == 0
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        val = [(r["round"], r["model"], r["site"], r["task"]) for r in csv.DictReader(f) if r["split"] == "val"]
+    assert set(val) == {("0", "identity", "I", "T1->T2"), ("0", "identity", "I", "T2->PD"),
+                        ("0", "identity", "F", "T2->T1"), ("1", "I", "I", "T1->T2"), ("1", "I", "I", "T2->PD"),
+                        ("1", "F", "F", "T2->T1")}
+
+    assert run_cli(["--phase", "test", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data_root",
+                    str(tiny_root), "--save_dir", str(tmp_path / "run"), "--quiet"]) == 0
+    out = tmp_path / "run" / "test"
+    with open(out / "metrics.csv", newline="") as f:
+        tested = {(r["model"], r["site"], r["task"]) for r in csv.DictReader(f)}
+    assert tested == {(m, s, t) for m, s, t in [("identity", "I", "T1->T2"), ("I", "I", "T1->T2"),
+                                                ("identity", "I", "T2->PD"), ("I", "I", "T2->PD"),
+                                                ("identity", "F", "T2->T1"), ("F", "F", "T2->T1")]}
+    recons = out / "reconstructions"
+    niftis = sorted(recons.glob("I-on-I/T2-to-PD/*.nii.gz"))  # I is an image (NIfTI) site
+    reference = nib.load(sorted((tiny_root / "I" / "PD" / "test").glob("*.nii.gz"))[0])
+    assert niftis and nib.load(niftis[0]).shape[2] == reference.shape[2]
+    assert sorted(recons.glob("F-on-F/T2-to-T1/*.h5"))  # F holds fastMRI HDF5
+    assert (out / "figures" / "I-on-I.png").is_file() and (out / "figures" / "F-on-F.png").is_file()
+
+
+def test_bad_site_tasks_flag_is_one_line(capsys, tiny_root, tmp_path) -> None:
+    from tests.conftest import run_cli
+    code = run_cli(synthesis_run(tiny_root, tmp_path / "run", "--train_dataset", "I", "--test_dataset", "I",
+                                 "--site_tasks", "I:T1->T2"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--site_tasks 'I:T1->T2'" in err, err
+    assert not (tmp_path / "run").exists()

@@ -22,9 +22,13 @@ def final_table(metrics: list[dict], sites: list[str], method: str, baseline: st
     last = max((r["round"] for r in trained), default=None)
     rows = []
     for site in sites:
-        zf = [r for r in val if r["model"] == baseline and r["site"] == site]
-        md = [r for r in trained if r["round"] == last and r["site"] == site]
-        rows.append([site, _mean(zf, "psnr", 2), _mean(zf, "ssim", 4), _mean(md, "psnr", 2), _mean(md, "ssim", 4)])
+        # A site scored in parts (synthesis' translations, the `task` column) has a line per part.
+        for part in dict.fromkeys(r.get("task", "") for r in val if r["site"] == site) or [""]:
+            here = [r for r in val if r["site"] == site and r.get("task", "") == part]
+            zf = [r for r in here if r["model"] == baseline]
+            md = [r for r in here if r["model"] != baseline and r["round"] == last]
+            rows.append([f"{site} {part}".strip(), _mean(zf, "psnr", 2), _mean(zf, "ssim", 4),
+                         _mean(md, "psnr", 2), _mean(md, "ssim", 4)])
     title = f"validation, round {last}" if last is not None else "validation"
     return f"{title} (PSNR in dB)\n" + format_table(
         ["site", f"{baseline.replace('_', '-')} PSNR", "SSIM", f"{method} PSNR", "SSIM"], rows)

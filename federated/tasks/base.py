@@ -172,6 +172,19 @@ class Task:
         from utils.metrics import volume_metrics
         return volume_metrics(target, prediction)
 
+    def write_volume(self, folder: Path, volume: Any, site: Site) -> Path:
+        """--phase test: write one predicted volume (`federated.evaluation.Volume`) into `folder`;
+        fastMRI's submission layout, an HDF5 file with dataset ``reconstruction`` (S, H, W)."""
+        import h5py
+        path = folder / (volume_stem(volume.fname) + ".h5")
+        with h5py.File(path, "w") as f:
+            f.create_dataset("reconstruction", data=volume.reconstruction.astype(np.float32))
+        return path
+
+    def figure_images(self, volume: Any, index: int, method: str) -> dict[str, np.ndarray]:
+        """The images beside the reference in the test figure, for slice `index` of `volume`."""
+        return {self.baseline_name.replace("_", "-"): volume.baseline[index], method: volume.reconstruction[index]}
+
     def notes(self) -> list[str]:
         """Lines for the run's log about the data (e.g. subjects skipped), after the clients are built."""
         return []
@@ -190,3 +203,16 @@ class Task:
     def names(samples: Any) -> tuple[list[str], list[int]]:
         """File names and slice numbers of the batch's slices."""
         return list(samples.fname), [int(s) for s in samples.slice_num]
+
+    def parts(self, samples: Any) -> list[str]:
+        """Per slice of the batch, the part of its site it is scored in (synthesis: the slice's
+        translation, "T1->T2"); evaluation reports each part of a site separately. "": one part."""
+        return [""] * len(samples.slice_num)
+
+
+def volume_stem(fname: str) -> str:
+    """A volume's file name without .h5 / .nii / .nii.gz: the name of its outputs."""
+    for suffix in (".nii.gz", ".nii", ".h5"):
+        if fname.endswith(suffix):
+            return fname[: -len(suffix)]
+    return fname

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.paired import ContrastSlices, ContrastSliceDataset, check_contrasts, match_subjects, subject_name
-from data.translation import Translation, translation
+from data.paired import (ContrastSlices, ContrastSliceDataset, Subject, check_contrasts, match_subjects,
+                         subject_name)
+from data.translation import Translation, parse_translation, translation
 from data.sites import Site
 from federated.site_discriminators import SiteDiscriminators
 from federated.tasks.base import Batch, Task, VolumeParts
@@ -51,13 +52,13 @@ class SynthesisSample(NamedTuple):
 
 class SynthesisTransform:
     """`ContrastSlices` -> `SynthesisSample` of one of a site's translations: the sample's seed
-    draws it when training on several, evaluation uses the first."""
+    draws it when training on several; evaluation asks for one (`index`)."""
 
-    def __init__(self, translations: list[Translation], contrasts: tuple[str, ...], train: bool):
-        self.translations, self.contrasts, self.train = translations, contrasts, train
+    def __init__(self, translations: list[Translation], contrasts: tuple[str, ...], train: bool, index: int = 0):
+        self.translations, self.contrasts, self.train, self.index = translations, contrasts, train, index
 
     def __call__(self, slices: ContrastSlices) -> SynthesisSample:
-        index = 0
+        index = self.index
         if self.train and len(self.translations) > 1 and slices.seed is not None:
             index = int(np.random.default_rng(slices.seed).integers(len(self.translations)))
         source, target = self.translations[index]
@@ -69,26 +70,44 @@ class SynthesisTransform:
                                slices.subject, slices.slice_num)
 
 
+def site_tasks(values: list[str] | None) -> dict[str, list[Translation]]:
+    """--site_tasks ["I=T1->T2,T2->PD", ...] -> {"I": [T1->T2, T2->PD], ...}; UserError naming the flag."""
+    out: dict[str, list[Translation]] = {}
+    for value in values or []:
+        site, sep, tasks = value.partition("=")
+        if not sep or not site or not tasks:
+            raise UserError(f"--site_tasks {value!r}: write SITE=TASK[,TASK], e.g. I=T1->T2,T2->PD")
+        out[site] = list(dict.fromkeys(parse_translation(t, f"--site_tasks {site}") for t in tasks.split(",")))
+    return out
+
+
 class Synthesis(Task):
     name = "synthesis"
     summary = "contrast synthesis with pFLSynth's generator and a local PatchGAN per client and task"
     baseline_name = "identity"
     # pflsynth_shared_blocks too: the strategy exists only for this task, and its split must match the checkpoint's.
     model_options = ("ngf", "ndf", "n_blocks", "mapping_layers", "no_dropout", "source_contrast", "target_contrast",
-                     "pflsynth_shared_blocks")
-    # pFLSynth's sizes and optimiser; the demo's small networks on 64 x 64 sites.
-    paper_defaults = {"ngf": 64, "ndf": 64, "lr": 2e-4, "optimizer": "adam"}
-    demo_defaults = {"ngf": 16, "ndf": 16, "resolution": 64}
+                     "site_tasks", "pflsynth_shared_blocks")
+    # pFLSynth's sizes, optimiser and loop: batch size 1, one local epoch per round, 75 + 75 rounds.
+    # The demo: small networks on 64 x 64 sites, still batch size 1, constant then decaying lr.
+    paper_defaults = {"ngf": 64, "ndf": 64, "lr": 2e-4, "optimizer": "adam", "local_bs": 1, "local_ep": 1,
+                      "epochs": 150, "niter": 75, "niter_decay": 75}
+    demo_defaults = {"ngf": 16, "ndf": 16, "resolution": 64, "epochs": 10, "niter": 5, "niter_decay": 5}
 
     def __init__(self, opts):
         super().__init__(opts)
         self._translations: dict[str, list[Translation]] = {}
+        self._subjects: dict[tuple[str, str], Subject] = {}  # (site, subject) -> its files
         self._notes: list[str] = []
 
     @classmethod
     def add_arguments(cls, group) -> None:
         group.add_argument("--source_contrast", default="T1", help="contrast folder the generator reads")
         group.add_argument("--target_contrast", default="T2", help="contrast folder it synthesises")
+        group.add_argument("--site_tasks", nargs="+", default=None, metavar="SITE=TASK[,TASK]",
+                           help="per-site translations (pFLSynth's variable-task setting), e.g. "
+                                "I=T1->T2,T2->PD B=T1->T2,FLAIR->T2; replaces a sites file's \"tasks\" for "
+                                "the sites named; the others keep theirs or the run's")
         group.add_argument("--ngf", type=int, default=None, help="generator channels of the first stage (pFLSynth: 64; demo 16)")
         group.add_argument("--ndf", type=int, default=None, help="discriminator channels of the first layer (pFLSynth: 64; demo 16)")
         group.add_argument("--n_blocks", type=int, default=9, help="generator residual blocks (pFLSynth: 9)")
@@ -112,6 +131,7 @@ class Synthesis(Task):
         if getattr(o, "aug_on", False):
             raise UserError("--aug_on: MRAugment augments k-space for reconstruction; --task synthesis has no "
                             "augmentation yet: leave --aug_on out")
+        site_tasks(o.site_tasks)
         if o.niter < 0 or o.niter_decay < 0:
             raise UserError("--niter and --niter_decay must be 0 or more")
         o.sequence = o.source_contrast  # the contrast whose folders list a site's subjects
@@ -129,8 +149,9 @@ class Synthesis(Task):
         return CONTRASTS + tuple(sorted(set(named) - set(CONTRASTS)))
 
     def translations(self, site: Site) -> list[Translation]:
-        """The site's translation tasks: its own (a sites file's "tasks") or the run's one."""
-        return list(site.tasks) or [Translation(self.opts.source_contrast, self.opts.target_contrast)]
+        """The site's translation tasks: --site_tasks', its own (a sites file's "tasks") or the run's one."""
+        return (site_tasks(self.opts.site_tasks).get(site.name) or list(site.tasks)
+                or [Translation(self.opts.source_contrast, self.opts.target_contrast)])
 
     def check_site(self, site: Site) -> None:
         tasks = self.translations(site)
@@ -141,9 +162,11 @@ class Synthesis(Task):
                             "with --source_contrast/--target_contrast or use one of those")
         check_contrasts(site, tasks)
 
-    def dataset(self, site: Site, files: list[Path], train: bool, mask_func: Any) -> ContrastSliceDataset:
+    def dataset(self, site: Site, files: list[Path], train: bool, mask_func: Any) -> torch.utils.data.Dataset:
         """The subjects of ``files`` (volumes of the source contrast) that have every contrast of the
-        site's translations; the others are skipped and named in `notes`."""
+        site's translations; the others are skipped and named in `notes`. Training draws one of the
+        site's translations per slice; evaluation has every slice once per translation, translation
+        after translation (scored separately: `parts`)."""
         tasks = self._translations.setdefault(site.name, self.translations(site))
         contrasts = list(dict.fromkeys(c for t in tasks for c in t))
         split = files[0].parent.name
@@ -158,8 +181,14 @@ class Synthesis(Task):
         if not subjects:
             raise UserError(f"site '{site.name}' {split}: none of its {len(files)} selected subjects has all of "
                             f"{', '.join(contrasts)}; raise --sample_rate or check the contrast folders")
-        return ContrastSliceDataset(site, subjects, contrasts, resolution=self.opts.resolution,
-                                    transform=SynthesisTransform(tasks, self.contrasts, train))
+        self._subjects.update({(site.name, s.name): s for s in subjects})
+        if train:
+            return ContrastSliceDataset(site, subjects, contrasts, resolution=self.opts.resolution,
+                                        transform=SynthesisTransform(tasks, self.contrasts, train))
+        return torch.utils.data.ConcatDataset([
+            ContrastSliceDataset(site, subjects, contrasts, resolution=self.opts.resolution,
+                                 transform=SynthesisTransform(tasks, self.contrasts, train, index))
+            for index in range(len(tasks))])
 
     def notes(self) -> list[str]:
         return list(self._notes)
@@ -243,8 +272,39 @@ class Synthesis(Task):
         synthesised = np.zeros(samples.source.shape, np.float32) if output is None else original(output.squeeze(1))
         return VolumeParts(synthesised, original(samples.target), original(samples.source))
 
+    def write_volume(self, folder: Path, volume, site: Site) -> Path:
+        """The synthesised volume beside its source's format: NIfTI (slices on the last axis, the real
+        target's affine when the volume has the target file's shape) for NIfTI sites, else HDF5 with
+        dataset ``synthesis`` (S, H, W)."""
+        subject = self._subjects[(site.name, volume.fname)]
+        target_file = subject.files[parse_translation(volume.part, "synthesis part").target]
+        data = volume.reconstruction.astype(np.float32)
+        if target_file.name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+            reference = nib.load(target_file)
+            stack = np.ascontiguousarray(np.transpose(data, (1, 2, 0)))  # (H, W, S): a slice is [:, :, s]
+            affine = reference.affine if stack.shape == reference.shape else np.eye(4)
+            path = folder / f"{volume.fname}.nii.gz"
+            nib.save(nib.Nifti1Image(stack, affine), path)
+            return path
+        import h5py
+        path = folder / f"{volume.fname}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("synthesis", data=data)
+        return path
+
+    def figure_images(self, volume, index: int, method: str) -> dict[str, np.ndarray]:
+        """Source (intensity-matched, the identity baseline) and the synthesis."""
+        return {"source (identity)": volume.baseline[index], method: volume.reconstruction[index]}
+
     def volume_metrics(self, target: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
         return synthesis_metrics(target, prediction)
+
+    def parts(self, samples: SynthesisSample) -> list[str]:
+        """Each slice's translation ("T1->T2"), read from its one-hot code."""
+        k = len(self.contrasts)
+        return [f"{self.contrasts[int(code[:k].argmax())]}->{self.contrasts[int(code[k:].argmax())]}"
+                for code in samples.translation]
 
     def eval_loss_sum(self, samples: SynthesisSample, output: torch.Tensor) -> float:
         return (output.squeeze(1) - samples.target).abs().mean(dim=(1, 2)).sum().item() * self.opts.lambda_l1
