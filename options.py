@@ -7,7 +7,7 @@ Flag names follow the published FL-MRCM scripts (`--train_dataset`, `--local_bs`
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Callable, Sequence
 
 from federated.strategies import STRATEGIES
 
@@ -115,10 +115,13 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     return p
 
 
-def parse_options(argv: Sequence[str], prog: str, default_strategy: str,
-                  description: str) -> argparse.Namespace:
-    """Parse `argv`; an empty `argv` means the demo configuration."""
+def parse_options(argv: Sequence[str], prog: str, default_strategy: str, description: str,
+                  extend: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse `argv`; an empty `argv` means the demo configuration. `extend` adds a front end's own
+    flags (the Flower launcher's)."""
     parser = build_parser(prog, default_strategy, description)
+    if extend is not None:
+        extend(parser)
     argv = list(argv)
     opts = parser.parse_args(argv)
     if opts.demo or not argv:
