@@ -209,3 +209,93 @@ def test_missing_site_and_unsupported_method_are_user_errors(tiny_root, tmp_path
     assert serve(InProcessGrid(node_configs(tiny_root, tmp_path, "BF")), args + ["--strategy", "mrcm"]) == 2
     assert "does not run on Flower yet" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ---- real processes on localhost ---------------------------------------------------------------
+def processes_under(folder) -> list[int]:
+    """PIDs of live processes whose FLWR_HOME lies under `folder` (every process a deployment
+    there started, and what those spawned, inherit one)."""
+    from pathlib import Path
+    marker = f"FLWR_HOME={folder}".encode()
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes() and (proc / "stat").read_text().split()[2] != "Z":
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def deployed(tmp_path, argv: list[str]) -> int:
+    """`python -m federated.flower local argv` in this process, its deployment under tmp_path."""
+    import tempfile
+    from federated.flower.local import main
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path)
+    try:
+        return main(argv)
+    finally:
+        tempfile.tempdir = old
+
+
+@pytest.mark.slow
+def test_fedavg_over_localhost_tls_auth_equals_main_fl_mr(tiny_root, tmp_path):
+    common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BFHI", "--test_dataset", "H",
+                         "--epochs", "2", "--seed", "1"]
+    assert deployed(tmp_path, common + ["--save_dir", str(tmp_path / "flower")]) == 0
+    assert not processes_under(tmp_path)
+    assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 0
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+
+
+@pytest.mark.slow
+def test_killed_supernode_is_left_out_and_rejoins_with_its_saved_state(tiny_root, tmp_path):
+    from federated.flower.local import LocalDeployment
+    sites = "BFH"
+    argv = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", sites, "--test_dataset", "H",
+                       "--epochs", "3", "--reply_timeout", "60", "--save_dir", str(tmp_path / "run")]
+    lines: list[str] = []
+    with LocalDeployment(workdir=tmp_path / "deploy") as d:
+        d.start_superlink()
+        for s in sites:
+            d.add_node(s, {"data-root": str(tiny_root), "state-dir": str(tmp_path / "run" / "nodes" / s)})
+        result = {}
+        study = threading.Thread(target=lambda: result.setdefault("code", d.run(argv, lines.append)))
+        study.start()
+        log = d.processes["node-F"].log
+        deadline = time.monotonic() + 600
+        while "round 2: client F trains" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        d.stop("node-F")  # during its round-2 update
+        d.start_node("F")
+        study.join(900)
+        assert result.get("code") == 0, "\n".join(lines[-30:])
+        assert "round 3: client F trains from its saved round 1 state" in d.processes["node-F"].log.read_text()
+    assert not processes_under(tmp_path)
+    train = [(r["round"], r["model"]) for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert ("2", "F") not in train and {("2", "B"), ("2", "H"), ("3", "F")} <= set(train)
+    assert any("client F (site F) left out of this round" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_it_started(tiny_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    argv = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BF", "--test_dataset", "F",
+                       "--epochs", "5", "--save_dir", str(tmp_path / "run")]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "federated.flower", "local", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "run" / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_under(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "Continue with: python -m federated.flower local --resume" in out
+    assert not processes_under(tmp_path)

@@ -139,23 +139,23 @@ class LocalDeployment:
         return self._start(f"node-{site}", self.nodes[site]["args"], self.dir / f"node-{site}")
 
     def stop(self, name: str) -> None:
-        """SIGTERM to the process group of `name` (the process and what it spawned), SIGKILL after
-        STOP_GRACE seconds."""
+        """SIGTERM to the process `name`, its process group and every process it spawned (some
+        flwr processes start their own group), SIGKILL to those left after STOP_GRACE seconds;
+        returns when all are gone."""
         proc = self.processes.pop(name, None)
-        if proc is None or proc.popen.poll() is not None and not _group_alive(proc.popen.pid):
+        if proc is None:
             return
+        pids = {proc.popen.pid, *descendants(proc.popen.pid)}
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.popen.pid, sig)
-            except ProcessLookupError:
-                return
+            _signal_all(proc.popen.pid, pids, sig)
             deadline = time.monotonic() + STOP_GRACE
-            while time.monotonic() < deadline and _group_alive(proc.popen.pid):
+            while time.monotonic() < deadline:
                 proc.popen.poll()
+                pids = {p for p in pids if _alive(p)}
+                if not pids and not _group_alive(proc.popen.pid):
+                    return
                 time.sleep(0.1)
-            if not _group_alive(proc.popen.pid):
-                proc.popen.wait()
-                return
+        proc.popen.wait()
 
     def close(self) -> None:
         for name in [n for n in self.processes if n != "superlink"] + ["superlink"]:
@@ -195,14 +195,55 @@ class LocalDeployment:
         return 0 if completed and not stopped else 1
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
+    for kill, target in [(os.killpg, pgid)] + [(os.kill, p) for p in pids]:
+        try:
+            kill(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie whose parent has not reaped it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return any(_alive(int(p.parent.name)) for p in Path("/proc").glob("[0-9]*/stat")
+               if _pgid(p) == pgid)
+
+
+def _pgid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _interrupt(signum, frame) -> None:
