@@ -254,6 +254,9 @@ def main(argv: list[str]) -> int:
     opts, flower = parse_flower_options(argv, PROG)
     log = Console(quiet=opts.quiet, verbose=opts.verbose)
     try:
+        if not (APP_DIR / "pyproject.toml").is_file():
+            raise UserError(f"{APP_DIR}: no pyproject.toml; run {PROG} from a fedrecon source checkout "
+                            "(`flwr run` builds the Flower app from it)")
         opts = resolve_options(opts, argv, log)
         check_flower_support(opts)
         STRATEGIES[opts.strategy](opts)
