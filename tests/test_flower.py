@@ -8,7 +8,6 @@ SuperLink and SuperNodes do over HTTP, without them). Slow tests deploy real pro
 """
 from __future__ import annotations
 
-import argparse
 import math
 import threading
 import time
