@@ -7,13 +7,20 @@ Flag names follow the published FL-MRCM scripts (`--train_dataset`, `--local_bs`
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Callable, Sequence
 
+from data.augment import add_augment_arguments
 from federated.strategies import STRATEGIES
+from federated.tasks import TASKS, task_name
 
-# With no arguments at all an entry script runs this small configuration on the synthetic sites,
-# sized to finish in a few minutes on 2 CPU cores. `--demo` asks for it explicitly.
-DEMO_DEFAULTS = dict(epochs=5, chans=16, local_ep=2, local_bs=4, lr=3e-4, eval_every=1)
+# Two scales. Paper: FL-MRCM's settings, the parser's defaults. Demo: a small configuration sized to
+# finish in a few minutes on 2 CPU cores. A run on the synthetic sites is the demo unless the command
+# gives a scale flag or `--scale paper`; a run on real data (--data_root/--sites) is paper scale.
+# The model's own sizes and learning rate at each scale are the task's (`fill_task_defaults`).
+DEMO_DEFAULTS = dict(epochs=5, local_ep=2, local_bs=4)
+# The flags that say which model is trained and how (not --epochs: it only says for how long).
+SCALE_FLAGS = ("chans", "local_ep", "local_bs", "lr")
 
 SYNTHETIC_RESOLUTION = 128  # the synthetic sites' matrix size unless --resolution says otherwise
 REAL_DATA_RESOLUTION = 256  # the FL-MRCM crop size for real data
@@ -51,9 +58,13 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                      help="continue the run saved in DIR (same as --save_dir DIR --continues)")
     run.add_argument("--overwrite", action="store_true",
                      help="allow --save_dir to hold a different, earlier run (its files are replaced)")
-    run.add_argument("--demo", action="store_true",
-                     help="demo scale: " + ", ".join(f"--{k} {v}" for k, v in DEMO_DEFAULTS.items())
-                          + " (implied when no arguments are given)")
+    run.add_argument("--scale", choices=["demo", "paper"], default=None,
+                     help="demo: " + " ".join(f"--{k} {v}" for k, v in DEMO_DEFAULTS.items())
+                          + "; paper: the defaults listed here (FL-MRCM's). Without it: demo on the "
+                          "synthetic sites unless any of " + ", ".join(f"--{k}" for k in SCALE_FLAGS)
+                          + " is given, paper on real data (--data_root/--sites). Flags given "
+                          "explicitly always win")
+    run.add_argument("--demo", action="store_true", help="same as --scale demo")
     run.add_argument("--verbose", action="store_true", help="print each client's loss every round")
     run.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and the final table")
 
@@ -84,8 +95,15 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                       nargs="+", default=[0.08])
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=["unet"], default="unet")
-    model.add_argument("--chans", type=int, default=32, help="U-Net channels of the first level")
+    model.add_argument("--task", choices=["reconstruction", "synthesis"], default="reconstruction",
+                       help="reconstruction (the model is --model) or contrast synthesis (--source_contrast "
+                            "-> --target_contrast, pFLSynth's generator)")
+    model.add_argument("--model", choices=[k for k in TASKS if k != "synthesis"], default="unet",
+                       help="reconstruction model: " + "; ".join(f"{k}: {t.summary}" for k, t in TASKS.items()
+                                                                 if k != "synthesis"))
+    model.add_argument("--chans", type=int, default=None,
+                       help="channels of the first U-Net level (the VarNet's cascades' U-Nets); default: "
+                            + task_defaults_help("chans"))
     model.add_argument("--num_pools", type=int, default=4, help="U-Net down-sampling levels")
     model.add_argument("--drop_prob", type=float, default=0.0)
     model.add_argument("--norm", choices=["instance", "instance_affine", "batch"], default="instance",
@@ -93,15 +111,20 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                             "FedBN needs a norm with parameters: instance_affine or batch")
 
     fed = p.add_argument_group("federated training")
-    fed.add_argument("--epochs", type=int, default=50, help="communication rounds")
+    fed.add_argument("--epochs", type=int, default=50,
+                     help=f"communication rounds; demo scale: {DEMO_DEFAULTS['epochs']:g}")
     fed.add_argument("--num_users", type=int, default=None,
                      help="clients; a multiple of the number of training sites splits each site's "
                           "volumes among several clients (default: one client per site)")
     fed.add_argument("--frac", type=float, default=1.0, help="fraction of clients taking part in each round")
-    fed.add_argument("--local_ep", type=int, default=2, help="local epochs per round")
-    fed.add_argument("--local_bs", type=int, default=16, help="local training batch size")
+    fed.add_argument("--local_ep", type=int, default=2,
+                     help=f"local epochs per round; demo scale: {DEMO_DEFAULTS['local_ep']:g}")
+    fed.add_argument("--local_bs", type=int, default=16,
+                     help=f"local training batch size; demo scale: {DEMO_DEFAULTS['local_bs']:g}")
     fed.add_argument("--bs", type=int, default=8, help="evaluation batch size")
-    fed.add_argument("--lr", type=float, default=1e-4, help="U-Net learning rate (RMSprop)")
+    fed.add_argument("--lr", type=float, default=None, help="learning rate; default: " + task_defaults_help("lr"))
+    fed.add_argument("--optimizer", choices=["rmsprop", "adam"], default=None,
+                     help="local optimiser; default: " + task_defaults_help("optimizer"))
     fed.add_argument("--lr_step", type=int, default=40, help="StepLR step size, in rounds")
     fed.add_argument("--lr_gamma", type=float, default=0.1, help="StepLR decay factor")
     fed.add_argument("--weighting", choices=["uniform", "samples"], default="uniform",
@@ -110,6 +133,9 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     fed.add_argument("--min_clients", type=int, default=1,
                      help="stop the run when fewer clients than this finish a round")
 
+    for task in TASKS.values():
+        task.add_arguments(p.add_argument_group(f"{task.name} model"))
+    add_augment_arguments(p.add_argument_group("augmentation (MRAugment)"))
     for strategy in STRATEGIES.values():
         strategy.add_arguments(p.add_argument_group(f"{strategy.name} strategy"))
     return p
@@ -117,15 +143,56 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
 
 def parse_options(argv: Sequence[str], prog: str, default_strategy: str, description: str,
                   extend: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """Parse `argv`; an empty `argv` means the demo configuration. `extend` adds a front end's own
-    flags (the Flower launcher's)."""
+    """Parse `argv` at the scale it asks for (see `resolve_scale`); `opts.scale` and `opts.demo` say which.
+    `extend` adds a front end's own flags (the Flower launcher's)."""
     parser = build_parser(prog, default_strategy, description)
     if extend is not None:
         extend(parser)
     argv = list(argv)
     opts = parser.parse_args(argv)
-    if opts.demo or not argv:
+    scale = resolve_scale(parser, argv, opts)
+    if scale == "demo":
         parser.set_defaults(**DEMO_DEFAULTS)
         opts = parser.parse_args(argv)
-        opts.demo = True
+    opts.scale, opts.demo = scale, scale == "demo"
+    fill_task_defaults(opts)
     return opts
+
+
+def fill_task_defaults(opts: argparse.Namespace) -> None:
+    """The model's own flags that the command left unset: the task's demo values at demo scale,
+    else its paper values (`Task.paper_defaults`, `Task.demo_defaults`)."""
+    task = TASKS[task_name(opts)]
+    values = {**task.paper_defaults, **(task.demo_defaults if opts.demo else {})}
+    for key, value in values.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+
+
+def task_defaults_help(flag: str) -> str:
+    """'unet 32 (demo 16), varnet 18 (demo 8)': each task's paper and demo value of `flag`."""
+    parts = []
+    for name, task in TASKS.items():
+        if flag in task.paper_defaults:
+            demo = task.demo_defaults.get(flag)
+            parts.append(f"{name} {task.paper_defaults[flag]}" + (f" (demo {demo})" if demo is not None else ""))
+    return ", ".join(parts)
+
+
+def resolve_scale(parser: argparse.ArgumentParser, argv: list[str], opts: argparse.Namespace) -> str:
+    """--scale (or --demo) when given; else demo on the synthetic sites without a scale flag, paper otherwise."""
+    if opts.demo and opts.scale == "paper":
+        parser.error("--demo and --scale paper contradict each other; give one of them")
+    if opts.demo or opts.scale:
+        return opts.scale or "demo"
+    real_data = opts.data_root is not None or opts.sites is not None
+    return "paper" if real_data or scale_flags_given(parser, argv) else "demo"
+
+
+def scale_flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The SCALE_FLAGS on the command line, however spelled (`--lr=1e-3`, an abbreviation, ...)."""
+    unset = object()
+    probe = copy.deepcopy(parser)
+    probe.set_defaults(**{k: unset for k in SCALE_FLAGS})
+    given = probe.parse_args(argv)
+    return [k for k in SCALE_FLAGS if getattr(given, k) is not unset]

@@ -13,9 +13,13 @@ No target: the ratio says whether `--amp bf16` pays on this machine.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from bench.common import (base_parser, client_summary, compare_rounds, load_average, prepare_run,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, client_summary, compare_rounds, load_average, prepare_run,  # noqa: E402
                           run_options, setup, synthetic_root)
 
 

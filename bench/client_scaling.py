@@ -16,13 +16,18 @@ No target: the figures say what a client costs beyond its share of the training 
 """
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import (base_parser, interleaved, load_average, prepare_run, run_options, setup, spread,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, interleaved, load_average, prepare_run, run_options, setup, spread,  # noqa: E402
                           synthetic_root, timed_steps)
-from federated.client import make_loader
+from federated.client import make_loader  # noqa: E402
 
 CLIENTS = (4, 16, 64)
 

@@ -11,25 +11,21 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-# Runnable as `python bench/<name>.py` as well as `python -m bench.<name>`.
+import torch
+
+from data.synthetic import SyntheticConfig, ensure_synthetic_sites
+from federated.experiment import Experiment, build_experiment
+from federated.strategies import STRATEGIES
+from federated.strategies.base import Strategy
+from options import parse_options
+from utils.console import Console
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from data.synthetic import SyntheticConfig, ensure_synthetic_sites  # noqa: E402
-from federated.experiment import Experiment, build_experiment  # noqa: E402
-from federated.strategies import STRATEGIES  # noqa: E402
-from federated.strategies.base import Strategy  # noqa: E402
-from options import parse_options  # noqa: E402
-from utils.console import Console  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,19 @@ among the few decoded ones this process keeps costs a whole volume.
 """
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
                           spread, synthetic_root, timed_steps, verdict)
-from federated.client import make_loader
-from federated.experiment import site_dataset
+from federated.client import make_loader  # noqa: E402
+from federated.experiment import site_dataset  # noqa: E402
 
 TARGET = 10.0
 SITES = "FHIB"
@@ -59,7 +64,7 @@ def measure(args, scale, resolution: int) -> list[dict]:
     datasets = {}
     for site in args.sites:
         spec = exp.registry[site]
-        datasets[site] = site_dataset(spec, spec.files(opts.sequence, "train"), opts, train=True)
+        datasets[site] = site_dataset(strategy.task, spec, spec.files(opts.sequence, "train"), opts, train=True)
     model = strategy.build_model(exp.clients)
     sample = next(iter(make_loader(datasets[args.sites[0]], bs, False, None, 0, torch.device("cpu"))))
     image, target = sample.image.unsqueeze(1), sample.target.unsqueeze(1)

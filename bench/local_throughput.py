@@ -13,13 +13,18 @@ Target: FL / bare >= 0.95.
 """
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
                           spread, synthetic_root, timed_steps, verdict)
-from federated.client import local_update, make_loader
+from federated.client import local_update, make_loader  # noqa: E402
 
 TARGET = 0.95
 
@@ -105,7 +110,7 @@ def measure(args, scale, resolution: int, site: str) -> dict:
         timer.reset()
         with timer:
             start = time.perf_counter()
-            result = local_update(client, model, strategy, global_state, opts, device)
+            result = local_update(client, model, strategy, global_state, opts, device, rnd=1)
             end = time.perf_counter()
         client.optimizer_state, client.scheduler_state = result.optimizer_state, result.scheduler_state
         setup = (timer.first - start) + (end - timer.last)

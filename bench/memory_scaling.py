@@ -19,8 +19,12 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
-from bench.common import REPO, base_parser, load_average, med, setup, synthetic_root, verdict
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, base_parser, load_average, med, setup, synthetic_root, verdict  # noqa: E402
 
 TARGET = 0.10
 
@@ -31,12 +35,13 @@ def child(args) -> None:
     from bench.common import run_options
     from federated.client import make_loader
     from federated.experiment import resolve_registry, site_dataset
+    from federated.tasks import task_for
 
     root = synthetic_root(args, args.resolution, **config(args))
     opts = run_options(root, args.resolution, 16, args.local_bs)
     site = resolve_registry(opts)[0][args.site]
     files = site.files(opts.sequence, "train")[:args.volumes]
-    dataset = site_dataset(site, files, opts, train=True)
+    dataset = site_dataset(task_for(opts), site, files, opts, train=True)
     before = peak_rss_kib()
     dataset.set_epoch(1)
     slices = 0

@@ -13,7 +13,13 @@ Target: FL-MRCM / FL-MR <= 1.5.
 """
 from __future__ import annotations
 
-from bench.common import (base_parser, client_summary, compare_rounds, load_average, prepare_run,
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, client_summary, compare_rounds, load_average, prepare_run,  # noqa: E402
                           run_options, setup, synthetic_root, verdict)
 
 TARGET = 1.5

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import federated.server as server
-from bench.common import base_parser, load_average, run_options, setup, synthetic_root, verdict, quiet_log
-from federated.strategies import STRATEGIES
-from utils.runlog import RunDir
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import federated.server as server  # noqa: E402
+from bench.common import base_parser, load_average, run_options, setup, synthetic_root, verdict, quiet_log  # noqa: E402
+from federated.strategies import STRATEGIES  # noqa: E402
+from utils.runlog import RunDir  # noqa: E402
 
 TARGET = 0.01
 

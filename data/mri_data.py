@@ -134,6 +134,7 @@ class _Volume(NamedTuple):
     has_mask: bool
     num_slices: int
     attrs: dict[str, Any]
+    coils: int = 1  # receive channels of a multicoil fastMRI file
 
 
 class _ProcessFiles:
@@ -222,7 +223,8 @@ def _index_fastmri(path: Path, hf: h5py.File, challenge: str) -> _Volume:
     attrs = dict(hf.attrs)
     if "ismrmrd_header" in hf:
         attrs.update(_ismrmrd_sizes(path, hf["ismrmrd_header"][()]))
-    return _Volume("fastmri_h5", "kspace", target_key, "mask" in hf, kspace.shape[0], attrs)
+    coils = kspace.shape[1] if challenge == "multicoil" else 1
+    return _Volume("fastmri_h5", "kspace", target_key, "mask" in hf, kspace.shape[0], attrs, coils)
 
 
 def _index_h5_image(path: Path, hf: h5py.File, challenge: str) -> _Volume:
@@ -329,6 +331,12 @@ class SliceDataset(torch.utils.data.Dataset):
         if epoch_seed is not None and not (isinstance(epoch_seed, int) and 0 <= epoch_seed < 2**32):
             raise ValueError(f"epoch_seed must be an int in [0, 2**32) or None, got {epoch_seed!r}")
         self.epoch_seed = epoch_seed
+
+    def set_time(self, t: int, total: int) -> None:
+        """Hand the augmentation schedule's time to the transform, when it has one (see
+        ``data.augment.AugmentedTransform.set_time``); otherwise nothing to do."""
+        if hasattr(self.transform, "set_time"):
+            self.transform.set_time(t, total)
 
     def __getitem__(self, i: int) -> Any:
         path, slice_num = self.examples[i]
@@ -456,12 +464,21 @@ def _build_index(
     volumes: dict[Path, _Volume] = {}
     examples: list[tuple[Path, int]] = []
     problems = []
+    first_coils: tuple[Path, int] | None = None  # batches stack slices: one coil count per dataset
     for path in map(Path, files):
         try:
             volume = _index_file(path, fmt, challenge)
         except DataError as err:
             problems.append(str(err))
             continue
+        if volume.fmt == "fastmri_h5" and challenge == "multicoil":
+            if first_coils is None:
+                first_coils = (path, volume.coils)
+            elif volume.coils != first_coils[1]:
+                problems.append(f"{path} has {volume.coils} coils but {first_coils[0].name} has "
+                                f"{first_coils[1]}: a multicoil site needs one coil count; move "
+                                "the volumes with other coil counts to a site of their own")
+                continue
         kept = _kept_slices(volume.num_slices, slice_range)
         if volume.num_slices == 0:
             problems.append(f"{path} holds no slices: remove it")

@@ -10,6 +10,13 @@ sites are letters: F = fastMRI brain, H = HPKS (private), I = IXI, B = BraTS 202
 
 ``root`` is required (relative roots are relative to the file's folder); ``format`` defaults to
 "auto", ``challenge`` to "singlecoil", ``slice_range`` to null and ``description`` to "".
+Optional: ``multicoil_root``, where a fastMRI site's multicoil files live (``--challenge
+multicoil`` reads them; default: ``root``), and ``sequence``, the site's own sequence folder,
+which it uses whatever ``--sequence`` says (so one run can train on knee PD and validate on
+brain T1)::
+
+    {"sites": {"K": {"root": "K", "multicoil_root": "multicoil/K", "format": "fastmri_h5",
+                     "sequence": "PD"}}}
 """
 
 from __future__ import annotations
@@ -17,21 +24,28 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from data.mri_data import CHALLENGES, FORMATS, is_volume_file, subsample_volumes, volume_suffixes
+from data.translation import Translation, parse_translation
 from utils.errors import DataError, UserError
 
 SITES_FILE_NAME = "sites.json"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SITE_KEYS = {"root", "format", "challenge", "slice_range", "description"}
+_SITE_KEYS = {"root", "format", "challenge", "slice_range", "description", "sequence", "multicoil_root", "tasks"}
 
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital's data: volumes in ``<root>/<sequence>/<split>/``."""
+    """One hospital's data: volumes in ``<root>/<sequence>/<split>/``.
+
+    ``sequence``: the site's own sequence, used instead of the run's (None: the run's).
+    ``multicoil_root``: where its multicoil files live, when not in ``root``.
+    ``tasks``: the site's own synthesis translations (``--task synthesis``; pFLSynth's variable-task
+    setting, e.g. ("T1->T2", "T2->PD")), used instead of the run's (empty: the run's).
+    """
 
     name: str
     root: Path
@@ -39,9 +53,21 @@ class Site:
     challenge: str = "singlecoil"
     slice_range: tuple[int, int] | None = None
     description: str = ""
+    sequence: str | None = None
+    multicoil_root: Path | None = None
+    tasks: tuple[Translation, ...] = ()
+
+    def with_challenge(self, challenge: str) -> Site:
+        """This site read as ``challenge``: a fastMRI HDF5 site switches to its multicoil files
+        (``multicoil_root`` when it has one); image sites are single-coil by nature and stay."""
+        if self.format != "fastmri_h5":
+            return self
+        root = self.multicoil_root if challenge == "multicoil" and self.multicoil_root else self.root
+        return replace(self, root=root, challenge=challenge)
 
     def files(self, sequence: str, split: str) -> list[Path]:
-        """Sorted volume files of this site's format in ``<root>/<sequence>/<split>/``.
+        """Sorted volume files of this site's format in ``<root>/<sequence>/<split>/``, where the
+        site's own ``sequence`` (when set) replaces the one asked for.
 
         Raises ``DataError`` naming the folder when the root, the sequence folder or the split
         folder is missing, or the split folder holds no volume files.
@@ -49,11 +75,14 @@ class Site:
         if not self.root.is_dir():
             raise DataError(f"site '{self.name}': data folder {self.root} does not exist: put the "
                             "site's data there, or set its root with --data_root or --sites")
+        sequence = self.sequence or sequence
         folder = self.root / sequence
         if not folder.is_dir():
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir()) or ["none"]
+            fix = ("set the site's \"sequence\" in the sites file to one of them" if self.sequence
+                   else "pick one with --sequence")
             raise DataError(f"site '{self.name}': no sequence folder {folder}; sequences in "
-                            f"{self.root}: {', '.join(found)}: pick one with --sequence")
+                            f"{self.root}: {', '.join(found)}: {fix}")
         folder = folder / split
         if not folder.is_dir():
             raise DataError(f"site '{self.name}': split folder {folder} does not exist: create it "
@@ -134,9 +163,25 @@ def _parse_site(path: Path, name: str, entry: Any) -> Site:
     description = entry.get("description", "")
     if not isinstance(description, str):
         raise DataError(f"{where}: description must be a string")
+    sequence = entry.get("sequence")
+    if sequence is not None and (not isinstance(sequence, str) or not _NAME.fullmatch(sequence)):
+        raise DataError(f"{where}: sequence must be the name of a sequence folder (e.g. \"PD\"), "
+                        f"got {json.dumps(sequence)}")
+    multicoil_root = entry.get("multicoil_root")
+    if multicoil_root is not None and (not isinstance(multicoil_root, str) or not multicoil_root):
+        raise DataError(f"{where}: multicoil_root must be a folder path, got {json.dumps(multicoil_root)}")
+    tasks = entry.get("tasks", [])
+    if not isinstance(tasks, list):
+        raise DataError(f"{where}: tasks must be a list of translations like [\"T1->T2\", \"T2->PD\"], got "
+                        f"{json.dumps(tasks)}")
+    tasks = tuple(dict.fromkeys(parse_translation(t, f"{where}, tasks") for t in tasks))
+    return Site(name, _absolute(path, entry["root"]), fmt, challenge, slice_range, description,
+                sequence, _absolute(path, multicoil_root) if multicoil_root else None, tasks)
+
+
+def _absolute(sites_file: Path, root: str) -> Path:
     # Absolute, so that a later change of working folder cannot move it; symlinks stay as written.
-    root = Path(os.path.abspath(path.parent / Path(entry["root"]).expanduser()))
-    return Site(name, root, fmt, challenge, slice_range, description)
+    return Path(os.path.abspath(sites_file.parent / Path(root).expanduser()))
 
 
 def declared_resolution(data_root: Path | None, sites_file: Path | None) -> int | None:
@@ -226,7 +271,7 @@ def assign_clients(
         files = subsample_volumes(site.files(sequence, "train"), sample_rate, seed)
         if len(files) < per_site:
             raise UserError(f"site '{site.name}' has {len(files)} training volumes in "
-                            f"{site.root / sequence / 'train'} (at --sample_rate {sample_rate}) "
+                            f"{site.root / (site.sequence or sequence) / 'train'} (at --sample_rate {sample_rate}) "
                             f"but --num_users {num_users} gives it {per_site} clients: lower "
                             "--num_users or raise --sample_rate")
         if per_site == 1:

@@ -1,20 +1,30 @@
-"""Synthetic multi-site MRI generator: four sites in the file formats the real sites ship.
+"""Synthetic multi-site MRI generator: five sites in the file formats the real sites ship.
 
-The sites mimic the FL-MRCM setting without any download:
+The brain sites mimic the FL-MRCM setting without any download; K adds fastMRI's knee:
 
-    F  fastMRI-like   singlecoil HDF5 k-space, smooth image phase, sharp, low noise
+    F  fastMRI-like   singlecoil HDF5 k-space, smooth image phase, sharp, low noise; T1, T2
     H  HPKS-like      singlecoil HDF5 k-space (wider phase-encode matrix), weak phase, blurred,
-                      noisier, strong coil shading, smaller head in a larger field of view
-    I  IXI-like       NIfTI int16 magnitude with skull, zero phase, Rician noise
+                      noisier, strong coil shading, smaller head in a larger field of view; T1, T2
+    I  IXI-like       NIfTI int16 magnitude with skull, zero phase, Rician noise; T1, T2, PD
     B  BraTS-like     NIfTI float32 magnitude, skull-stripped, with glioma-like lesions, native
-                      matrix smaller than R (a reader pads it), extra end slices cut by slice_range
+                      matrix smaller than R (a reader pads it), extra end slices cut by
+                      slice_range; T1, T2, FLAIR (inversion recovery)
+    K  fastMRI knee   coronal knee, singlecoil HDF5 emulated from the coil array
+                      (`reconstruction_esc`), zero-filled phase-encode edges; PD and
+                      fat-saturated PD (PDFS)
 
-Every subject is a procedural head phantom (`data.phantom`); its intensities come from tissue
-PD/T1/T2 and each site's sequence timings. Layout under the returned root:
+Every brain subject is a synthetic head (`data.brain_anatomy`: folded cortex, deep grey nuclei,
+ventricles, skull and scalp; tissue PD/T1/T2 at the site's field strength in `data.phantom`), every
+knee one from `data.knee_phantom`; intensities come from those tissue parameters through each site's
+sequences (`data.sequences`). All contrasts of a subject image the same phantom (registered), and
+carry the same file name in every contrast folder. With `SyntheticConfig.multicoil` the HDF5 sites
+F, H and K are also written as fastMRI multicoil files (`data.coils`: loop-coil sensitivities, noise
+correlated across coils). Layout under the returned root:
 
     <root>/manifest.json                  parameters and generator version (written last)
     <root>/sites.json                     site registry entries (root, format, challenge, ...)
-    <root>/<site>/<sequence>/<split>/<subject>_<sequence>.h5 | .nii.gz
+    <root>/<site>/<sequence>/<split>/<subject>.h5 | .nii.gz
+    <root>/multicoil/<site>/<sequence>/<split>/<subject>.h5     (with multicoil only)
 
 Generation is deterministic from `SyntheticConfig.seed`, happens once per parameter set (a folder
 per parameter hash under the cache directory) and is atomic (built in a temporary sibling folder,
@@ -33,7 +43,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -41,7 +51,12 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from data.brain_anatomy import REFERENCE_HEAD_SEMI_AXIS_MM
+from data.coils import (correlated_noise, emulated_single_coil, loop_array, noise_covariance,
+                        sensitivity_maps)
+from data.knee_phantom import KNEE_TISSUES, knee_slice_positions, sample_knee
 from data.phantom import HEAD_HEIGHT_RATIO, TISSUES, sample_head, smooth_field
+from data.sequences import InversionRecovery, Sequence, SpinEcho
 from data.transforms import center_crop, fft2c_np as fft2c, ifft2c_np as ifft2c
 from utils.errors import UserError
 
@@ -55,14 +70,14 @@ __all__ = [
     "write_synthetic_sites",
 ]
 
-GENERATOR_VERSION = 2  # bump whenever the generated arrays change for the same parameters
+GENERATOR_VERSION = 4  # bump whenever the generated arrays change for the same parameters
 
 
 @dataclass(frozen=True)
 class SiteSpec:
     """How one synthetic site acquires and ships its images.
 
-    timings: sequence -> (TR, TE) in ms of the spin-echo signal model.
+    sequences: the site's contrasts, name -> signal model (times in ms).
     fov_mm: in-plane field of view at resolution R (voxel = fov_mm / R); the head is about 185 mm
         long, so a larger FOV gives a smaller head in the image.
     noise: noise std relative to the mean head intensity (complex Gaussian in k-space for HDF5
@@ -73,11 +88,13 @@ class SiteSpec:
     skull: whether the skull and scalp are kept (False = skull-stripped, zeros outside the brain).
     lesions: whether subjects carry glioma-like lesions.
     scale: multiplies the stored intensities (the unit of each vendor's files).
+    anatomy: "head" (axial brain slices) or "knee" (coronal knee slices).
+    acquisitions: sequence -> the file's `acquisition` attribute (default "AX<sequence>").
     """
 
     description: str
     format: str  # "fastmri_h5" or "nifti"
-    timings: dict[str, tuple[float, float]]
+    sequences: dict[str, Sequence]
     fov_mm: float
     noise: float
     sharpness: float
@@ -87,45 +104,71 @@ class SiteSpec:
     lesions: bool
     scale: float
     field_strength_t: float
+    anatomy: str = "head"
+    acquisitions: dict[str, str] | None = None
 
 
 SITES: dict[str, SiteSpec] = {
     "F": SiteSpec(
         description="fastMRI-like: singlecoil HDF5 k-space (readout oversampled 2x), smooth phase",
-        format="fastmri_h5", timings={"T1": (700.0, 10.0), "T2": (4000.0, 100.0)},
+        format="fastmri_h5", sequences={"T1": SpinEcho(700.0, 10.0), "T2": SpinEcho(4000.0, 100.0)},
         fov_mm=220.0, noise=0.02, sharpness=1.0, bias=0.10, phase=1.5,
         skull=True, lesions=False, scale=5e-4, field_strength_t=3.0,
     ),
     "H": SiteSpec(
         description="HPKS-like: singlecoil HDF5 k-space, wider phase-encode matrix, weak phase, "
                     "blurrier and noisier, strong coil shading, large field of view",
-        format="fastmri_h5", timings={"T1": (1200.0, 25.0), "T2": (2500.0, 75.0)},
+        format="fastmri_h5", sequences={"T1": SpinEcho(1200.0, 25.0), "T2": SpinEcho(2500.0, 75.0)},
         fov_mm=270.0, noise=0.05, sharpness=0.6, bias=0.30, phase=0.5,
         skull=True, lesions=False, scale=2.0, field_strength_t=1.5,
     ),
     "I": SiteSpec(
-        description="IXI-like: NIfTI int16 magnitude with skull, zero phase, Rician noise",
-        format="nifti", timings={"T1": (300.0, 4.0), "T2": (5700.0, 120.0)},
+        description="IXI-like: NIfTI int16 magnitude with skull, zero phase, Rician noise; "
+                    "T1, T2 and PD (PD and T2 from one dual-echo)",
+        format="nifti", sequences={"T1": SpinEcho(300.0, 4.0), "T2": SpinEcho(5700.0, 120.0),
+                                   "PD": SpinEcho(5700.0, 8.0)},
         fov_mm=240.0, noise=0.04, sharpness=0.75, bias=0.20, phase=0.0,
         skull=True, lesions=False, scale=2500.0, field_strength_t=1.5,
     ),
     "B": SiteSpec(
         description="BraTS-like: NIfTI float32 magnitude, skull-stripped, glioma-like lesions, "
-                    "in-plane matrix smaller than R (pad to R), keep slices in slice_range",
-        format="nifti", timings={"T1": (500.0, 15.0), "T2": (2500.0, 90.0)},
+                    "in-plane matrix smaller than R (pad to R), keep slices in slice_range; "
+                    "T1, T2 and FLAIR",
+        format="nifti", sequences={"T1": SpinEcho(500.0, 15.0), "T2": SpinEcho(2500.0, 90.0),
+                                   "FLAIR": InversionRecovery(9000.0, 120.0, 2500.0)},
         fov_mm=240.0, noise=0.015, sharpness=0.7, bias=0.05, phase=0.0,
         skull=False, lesions=True, scale=1000.0, field_strength_t=1.5,
     ),
+    "K": SiteSpec(
+        description="fastMRI knee-like: coronal PD and fat-saturated PD, singlecoil HDF5 emulated "
+                    "from the coils (reconstruction_esc), readout oversampled 2x, zero-filled "
+                    "phase-encode edges",
+        format="fastmri_h5", sequences={"PD": SpinEcho(2800.0, 30.0),
+                                        "PDFS": SpinEcho(2800.0, 30.0, fat_saturation=0.92)},
+        fov_mm=140.0, noise=0.03, sharpness=1.0, bias=0.15, phase=1.0,
+        skull=False, lesions=False, scale=2e-4, field_strength_t=3.0, anatomy="knee",
+        acquisitions={"PD": "CORPD_FBK", "PDFS": "CORPDFS_FBK"},
+    ),
 }
+# Every contrast any site has; its position keys the contrast's random stream.
+SEQUENCES = ("T1", "T2", "PD", "FLAIR", "PDFS")
+MULTICOIL_FOLDER = "multicoil"
 
 SPLITS = ("train", "val", "test")
-_HEAD_SEMI_AXIS_MM = 92.0  # antero-posterior half length of an average head
+_HEAD_SEMI_AXIS_MM = REFERENCE_HEAD_SEMI_AXIS_MM
 _SLICE_HEIGHTS = (-0.3, 0.6)  # axial coverage in unit head space (skull base side to vertex side)
+_HEAD_COIL_RADIUS_MM = 120.0  # radius of the cylinder the head coil's loops sit on
+_KNEE_COIL_RADIUS_MM = 85.0
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """What to generate: matrix size R, volumes per split (per site and sequence), slices, seed."""
+    """What to generate: matrix size R, volumes per split (per site and sequence), slices, seed.
+
+    sequences: the contrasts to write; each site writes those of them it has (see `SITES`).
+    multicoil: also write F, H and K as fastMRI multicoil files with `coils` receive channels
+        (K's singlecoil files are emulated from `coils` channels either way).
+    """
 
     resolution: int = 128
     train: int = 4
@@ -133,7 +176,9 @@ class SyntheticConfig:
     test: int = 2
     slices: int = 16
     seed: int = 0
-    sequences: tuple[str, ...] = ("T1", "T2")
+    sequences: tuple[str, ...] = SEQUENCES
+    multicoil: bool = False
+    coils: int = 8
 
     def __post_init__(self) -> None:
         if self.resolution < 32 or self.resolution % 16:
@@ -145,14 +190,30 @@ class SyntheticConfig:
             raise UserError(f"--slices must be >= 1 (got {self.slices})")
         if self.seed < 0:
             raise UserError(f"--seed must be >= 0 (got {self.seed})")
-        unknown = [s for s in self.sequences if s not in ("T1", "T2")]
+        unknown = [s for s in self.sequences if s not in SEQUENCES]
         if unknown or not self.sequences:
-            raise UserError(f"sequences must be a non-empty subset of ('T1', 'T2') (got {self.sequences})")
+            raise UserError(f"sequences must be a non-empty subset of {SEQUENCES} (got {self.sequences})")
+        if not 1 <= self.coils <= 64:
+            raise UserError(f"--coils must be between 1 and 64 (got {self.coils})")
         object.__setattr__(self, "sequences", tuple(self.sequences))
 
     def volumes(self, split: str) -> int:
         """Number of volumes in `split` for each site and sequence."""
         return {"train": self.train, "val": self.val, "test": self.test}[split]
+
+    def site_sequences(self, site: str) -> tuple[str, ...]:
+        """The contrasts `site` writes: those of `sequences` it has, in the site's order."""
+        return tuple(s for s in SITES[site].sequences if s in self.sequences)
+
+    def sites(self) -> tuple[str, ...]:
+        """The sites written: those with at least one of `sequences`."""
+        return tuple(site for site in SITES if self.site_sequences(site))
+
+    def challenges(self, site: str) -> tuple[str, ...]:
+        """The fastMRI challenges `site` is written for (none for image sites)."""
+        if SITES[site].format != "fastmri_h5":
+            return ()
+        return ("singlecoil", "multicoil") if self.multicoil else ("singlecoil",)
 
 
 def default_cache_dir() -> Path:
@@ -174,8 +235,17 @@ def native_size(site: str, resolution: int) -> int:
 
 
 def kspace_shape(site: str, resolution: int) -> tuple[int, int]:
-    """(H_k, W_k) of an HDF5 site: readout oversampled 2x; H also encodes R/8 extra columns."""
-    return 2 * resolution, resolution + (resolution // 8 if site == "H" else 0)
+    """(H_k, W_k) of an HDF5 site: readout oversampled 2x; H and K also encode R/8 extra columns
+    (fastMRI knee: 640 x 368 k-space for a 320 x 320 target)."""
+    return 2 * resolution, resolution + (resolution // 8 if site in ("H", "K") else 0)
+
+
+def acquired_columns(site: str, resolution: int) -> tuple[int, int]:
+    """Phase-encode columns `[left, right)` that hold data. K leaves about 5% at each edge
+    unacquired (zero), as fastMRI's knee scans do (their headers' padding_left / padding_right)."""
+    wk = kspace_shape(site, resolution)[1]
+    pad = round(wk * 18 / 368) if SITES[site].anatomy == "knee" else 0
+    return pad, wk - pad
 
 
 def _kspace_window(shape: tuple[int, int], sharpness: float) -> np.ndarray:
@@ -229,8 +299,9 @@ class _Volume:
 
     subject: str
     sequence: str
-    kspace: np.ndarray | None = None  # (S, H_k, W_k) complex64
-    target: np.ndarray | None = None  # (S, R, R) float32
+    challenge: str = "singlecoil"  # of an HDF5 volume
+    kspace: np.ndarray | None = None  # (S, H_k, W_k) singlecoil, (S, C, H_k, W_k) multicoil; complex64
+    target: np.ndarray | None = None  # (S, R, R) float32: reconstruction_esc, or _rss for multicoil
     image: np.ndarray | None = None  # (S, N, N) float32 magnitude in the site's unit
     slice_mm: float = 1.0
 
@@ -249,9 +320,52 @@ def _extra_slices(site: str, slices: int) -> int:
     return max(1, slices // 8) if site == "B" else 0
 
 
+def _to_kspace(images: np.ndarray, site: str, r: int, sharpness: float) -> np.ndarray:
+    """Images `(..., R, R)` -> the site's k-space `(..., H_k, W_k)` complex64: zero-padded to the
+    encoded field of view (the inverse of center_crop), centred FFT, the site's resolution window."""
+    hk, wk = kspace_shape(site, r)
+    full = np.zeros(images.shape[:-2] + (hk, wk), np.complex64)
+    h0, w0 = (hk - r) // 2, (wk - r) // 2
+    full[..., h0:h0 + r, w0:w0 + r] = images
+    return fft2c(full) * _kspace_window((hk, wk), sharpness)
+
+
+def _acquired(kspace: np.ndarray, site: str, r: int) -> np.ndarray:
+    """`kspace` with the phase-encode columns the site does not acquire set to zero."""
+    left, right = acquired_columns(site, r)
+    if (left, right) != (0, kspace.shape[-1]):
+        kspace[..., :left] = 0
+        kspace[..., right:] = 0
+    return kspace
+
+
+def _rss_target(kspace: np.ndarray, r: int) -> np.ndarray:
+    """`reconstruction_rss` `(S, R, R)` float32 of multicoil k-space `(S, C, H_k, W_k)`."""
+    coil_images = center_crop(ifft2c(kspace), (r, r))
+    return np.sqrt((np.abs(coil_images) ** 2).sum(axis=1)).astype(np.float32)
+
+
+def _coils(rng: np.random.Generator, coils: int, ring_radius_mm: float,
+           coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray], frame: tuple[int, int, int],
+           inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One session's coil maps `(S, C, N, N)` (unit RSS) and noise covariance `(C, C)`."""
+    array = loop_array(rng, coils, ring_radius_mm)
+    maps, correlation = sensitivity_maps(array, coords_mm, frame, inside)
+    return np.moveaxis(maps, 0, 1), noise_covariance(array, correlation)
+
+
+def _in_plane_mm(n: int, voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row (first row positive) and column positions in mm of an N x N image, centre at N // 2."""
+    offsets = (np.arange(n) - n // 2) * voxel_mm
+    return -offsets, offsets
+
+
 def generate_subject(config: SyntheticConfig, site: str, split: str, index: int) -> list[_Volume]:
-    """All sequences of one subject of one site: `_Volume`s in `config.sequences` order."""
+    """All sequences of one subject of one site: `_Volume`s in the site's sequence order, each
+    singlecoil volume followed by its multicoil version when the config asks for one."""
     spec = SITES[site]
+    if spec.anatomy == "knee":
+        return _knee_subject(config, site, split, index)
     site_key, split_key = list(SITES).index(site), SPLITS.index(split)
     r = config.resolution
     n = native_size(site, r)
@@ -260,39 +374,112 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
     head = _HEAD_SEMI_AXIS_MM / (0.5 * voxel_mm * n)  # head semi-axis in units of half the FOV
 
     anatomy_rng = _rng(config.seed, site_key, split_key, index, 0)
-    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions)
+    phantom = sample_head(anatomy_rng, n, heights, head, lesions=spec.lesions, skull=spec.skull)
     session_rng = _rng(config.seed, site_key, split_key, index, 1)
     bias = _bias_field(session_rng, phantom.coarse.shape, spec.bias)
     gain = session_rng.uniform(0.8, 1.25)  # scanner receive gain differs per session
     subject = f"synth{site}_{split}_{index:03d}"
     slice_mm = step * HEAD_HEIGHT_RATIO * _HEAD_SEMI_AXIS_MM  # nominal: heads differ in size
+    inside = phantom.fractions["air"] < 0.5
+    coils = None
 
     volumes = []
-    for sequence in config.sequences:
-        rng = _rng(config.seed, site_key, split_key, index, 2 + ("T1", "T2").index(sequence))
-        tr, te = spec.timings[sequence]
-        magnitude = phantom.image(tr, te) * bias
-        sigma = spec.noise * float(magnitude[phantom.fractions["air"] < 0.5].mean())
+    for sequence in config.site_sequences(site):
+        key = SEQUENCES.index(sequence)
+        rng = _rng(config.seed, site_key, split_key, index, 2 + key)
+        magnitude = phantom.image(spec.sequences[sequence], spec.field_strength_t) * bias
+        sigma = spec.noise * float(magnitude[inside].mean())
         volume = _Volume(subject=subject, sequence=sequence, slice_mm=slice_mm)
         if spec.format == "fastmri_h5":
             image = magnitude * np.exp(1j * _phase(rng, magnitude.shape, spec.phase))
-            hk, wk = kspace_shape(site, r)
-            full = np.zeros((len(heights), hk, wk), np.complex64)
-            h0, w0 = (hk - r) // 2, (wk - r) // 2  # the inverse of center_crop
-            full[:, h0:h0 + r, w0:w0 + r] = image
-            kspace = fft2c(full) * _kspace_window((hk, wk), spec.sharpness)
+            kspace = _to_kspace(image, site, r, spec.sharpness)
             noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(sigma)
             kspace = ((kspace + noise[0] + 1j * noise[1]) * (spec.scale * gain)).astype(np.complex64)
             volume.kspace = kspace
             volume.target = np.abs(center_crop(ifft2c(kspace), (r, r))).astype(np.float32)
-        else:
-            image = _lowpass(magnitude, spec.sharpness)
-            noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * np.float32(sigma)
-            image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude
-            if not spec.skull:
-                image = image * phantom.brain
-            volume.image = (image * (spec.scale * gain)).astype(np.float32)
+            volumes.append(volume)
+            if config.multicoil:
+                if coils is None:
+                    rows_mm, cols_mm = _in_plane_mm(n, voxel_mm)
+                    coords = (heights * (HEAD_HEIGHT_RATIO * _HEAD_SEMI_AXIS_MM), rows_mm, cols_mm)
+                    coils = _coils(_rng(config.seed, site_key, split_key, index, 10), config.coils,
+                                   _HEAD_COIL_RADIUS_MM, coords, (2, 1, 0), inside)
+                maps, covariance = coils
+                coil_k = _to_kspace(maps * image[:, None], site, r, spec.sharpness)
+                noise_rng = _rng(config.seed, site_key, split_key, index, 20 + key)
+                coil_k += correlated_noise(noise_rng, covariance, coil_k.shape, sigma)
+                coil_k = (coil_k * (spec.scale * gain)).astype(np.complex64)
+                volumes.append(_Volume(subject, sequence, "multicoil", coil_k, _rss_target(coil_k, r),
+                                       slice_mm=slice_mm))
+            continue
+        image = _lowpass(magnitude, spec.sharpness)
+        noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * np.float32(sigma)
+        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude
+        if not spec.skull:
+            image = image * phantom.brain
+        volume.image = (image * (spec.scale * gain)).astype(np.float32)
         volumes.append(volume)
+    return volumes
+
+
+def _knee_subject(config: SyntheticConfig, site: str, split: str, index: int) -> list[_Volume]:
+    """A knee subject: per sequence the emulated single-coil volume, then the multicoil one.
+
+    The singlecoil k-space is the emulated single coil of the array (fixed weights `w` fitted per
+    volume, `data.coils.emulated_single_coil`) with its own noise; the multicoil noise is drawn
+    conditioned on that noise, so the singlecoil file is exactly `sum_c w_c` of the multicoil
+    file's coils, as fastMRI's singlecoil knee data were derived from the multicoil scans.
+    """
+    spec = SITES[site]
+    site_key, split_key = list(SITES).index(site), SPLITS.index(split)
+    r = config.resolution
+    voxel_mm = spec.fov_mm / r
+    positions, step = knee_slice_positions(config.slices)
+    phantom = sample_knee(_rng(config.seed, site_key, split_key, index, 0), r, voxel_mm, positions)
+    session_rng = _rng(config.seed, site_key, split_key, index, 1)
+    bias = _bias_field(session_rng, phantom.coarse.shape, spec.bias)
+    gain = session_rng.uniform(0.8, 1.25)
+    inside = phantom.fractions["air"] < 0.5
+    rows_mm, cols_mm = _in_plane_mm(r, voxel_mm)
+    maps, covariance = _coils(_rng(config.seed, site_key, split_key, index, 10), config.coils,
+                              _KNEE_COIL_RADIUS_MM, (positions, rows_mm, cols_mm), (1, 2, 0), inside)
+    subject = f"synth{site}_{split}_{index:03d}"
+    unit = spec.scale * gain
+
+    volumes = []
+    for sequence in config.site_sequences(site):
+        key = SEQUENCES.index(sequence)
+        rng = _rng(config.seed, site_key, split_key, index, 2 + key)
+        protocol = spec.sequences[sequence]
+        magnitude = phantom.image(protocol) * bias
+        # Same coil, same noise: the level follows the image without fat saturation.
+        reference = (phantom.image(replace(protocol, fat_saturation=0.0)) * bias
+                     if getattr(protocol, "fat_saturation", 0.0) else magnitude)
+        sigma = spec.noise * float(reference[inside].mean())
+        image = magnitude * np.exp(1j * _phase(rng, magnitude.shape, spec.phase))
+        coil_images = maps * image[:, None]  # (S, C, R, R)
+        weights = emulated_single_coil(coil_images, np.abs(image), inside)
+        esc_image = np.tensordot(coil_images, weights.astype(np.complex64), axes=([1], [0]))
+        a = weights.conj()
+        esc_sigma = sigma * float(np.sqrt(np.real(a.conj() @ covariance @ a)))
+        kspace = _to_kspace(esc_image, site, r, spec.sharpness)
+        noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(esc_sigma)
+        esc_noise = noise[0] + 1j * noise[1]
+        kspace = _acquired(((kspace + esc_noise) * unit).astype(np.complex64), site, r)
+        volumes.append(_Volume(subject, sequence, "singlecoil", kspace,
+                               np.abs(center_crop(ifft2c(kspace), (r, r))).astype(np.float32),
+                               slice_mm=step))
+        if config.multicoil:
+            coil_k = _to_kspace(coil_images, site, r, spec.sharpness)
+            noise = correlated_noise(_rng(config.seed, site_key, split_key, index, 20 + key),
+                                     covariance, coil_k.shape, sigma)
+            # Condition on sum_c w_c noise_c = esc_noise (a Gaussian conditional).
+            gain_vector = (covariance @ a) / np.real(a.conj() @ covariance @ a)
+            residual = esc_noise - np.tensordot(noise, weights.astype(np.complex64), axes=([1], [0]))
+            noise += gain_vector.astype(np.complex64)[None, :, None, None] * residual[:, None]
+            coil_k = _acquired(((coil_k + noise) * unit).astype(np.complex64), site, r)
+            volumes.append(_Volume(subject, sequence, "multicoil", coil_k, _rss_target(coil_k, r),
+                                   slice_mm=step))
     return volumes
 
 
@@ -300,24 +487,33 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
 # Writers
 # ---------------------------------------------------------------------------------------------
 
-def ismrmrd_header(site: str, config: SyntheticConfig, sequence: str, slices: int, slice_mm: float) -> str:
-    """ISMRMRD XML for a singlecoil Cartesian acquisition with fastMRI's encoding conventions."""
+def acquisition(site: str, sequence: str) -> str:
+    """The `acquisition` attribute of a site's files: AXT1, AXFLAIR, ..., CORPD_FBK for the knee."""
+    return (SITES[site].acquisitions or {}).get(sequence, f"AX{sequence}")
+
+
+def ismrmrd_header(site: str, config: SyntheticConfig, sequence: str, slices: int, slice_mm: float,
+                   coils: int = 1) -> str:
+    """ISMRMRD XML for a Cartesian acquisition with `coils` receive channels, with fastMRI's
+    encoding conventions (phase-encode padding from kspace_encoding_step_1's centre/maximum)."""
     spec = SITES[site]
     r = config.resolution
     hk, wk = kspace_shape(site, r)
-    tr, te = spec.timings[sequence]
+    left, right = acquired_columns(site, r)
+    protocol = spec.sequences[sequence]
+    inversion = f"\n    <TI>{protocol.ti}</TI>" if isinstance(protocol, InversionRecovery) else ""
     fov = spec.fov_mm
     return f"""<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
   <measurementInformation>
-    <patientPosition>HFS</patientPosition>
-    <protocolName>AX{sequence}</protocolName>
+    <patientPosition>{"FFS" if spec.anatomy == "knee" else "HFS"}</patientPosition>
+    <protocolName>{acquisition(site, sequence)}</protocolName>
   </measurementInformation>
   <acquisitionSystemInformation>
     <systemVendor>fedrecon-synthetic</systemVendor>
     <systemModel>site {site}</systemModel>
     <systemFieldStrength_T>{spec.field_strength_t}</systemFieldStrength_T>
-    <receiverChannels>1</receiverChannels>
+    <receiverChannels>{coils}</receiverChannels>
   </acquisitionSystemInformation>
   <experimentalConditions>
     <H1resonanceFrequency_Hz>{int(round(42.577478e6 * spec.field_strength_t))}</H1resonanceFrequency_Hz>
@@ -332,15 +528,15 @@ def ismrmrd_header(site: str, config: SyntheticConfig, sequence: str, slices: in
       <fieldOfView_mm><x>{fov:.3f}</x><y>{fov:.3f}</y><z>{slice_mm:.3f}</z></fieldOfView_mm>
     </reconSpace>
     <encodingLimits>
-      <kspace_encoding_step_1><minimum>0</minimum><maximum>{wk - 1}</maximum><center>{wk // 2}</center></kspace_encoding_step_1>
+      <kspace_encoding_step_1><minimum>0</minimum><maximum>{right - left - 1}</maximum><center>{wk // 2 - left}</center></kspace_encoding_step_1>
       <kspace_encoding_step_2><minimum>0</minimum><maximum>0</maximum><center>0</center></kspace_encoding_step_2>
       <slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>{slices // 2}</center></slice>
     </encodingLimits>
     <trajectory>cartesian</trajectory>
   </encoding>
   <sequenceParameters>
-    <TR>{tr}</TR>
-    <TE>{te}</TE>
+    <TR>{protocol.tr}</TR>
+    <TE>{protocol.te}</TE>{inversion}
     <flipAngle_deg>90.0</flipAngle_deg>
   </sequenceParameters>
 </ismrmrdHeader>
@@ -348,13 +544,16 @@ def ismrmrd_header(site: str, config: SyntheticConfig, sequence: str, slices: in
 
 
 def _write_h5(path: Path, volume: _Volume, site: str, config: SyntheticConfig) -> None:
-    """fastMRI singlecoil file: kspace, reconstruction_esc, ismrmrd_header and attributes."""
-    header = ismrmrd_header(site, config, volume.sequence, volume.kspace.shape[0], volume.slice_mm)
+    """fastMRI file: kspace, reconstruction_esc (singlecoil) or reconstruction_rss (multicoil),
+    ismrmrd_header and attributes."""
+    multicoil = volume.challenge == "multicoil"
+    header = ismrmrd_header(site, config, volume.sequence, volume.kspace.shape[0], volume.slice_mm,
+                            coils=volume.kspace.shape[1] if multicoil else 1)
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=volume.kspace)
-        f.create_dataset("reconstruction_esc", data=volume.target)
+        f.create_dataset("reconstruction_rss" if multicoil else "reconstruction_esc", data=volume.target)
         f.create_dataset("ismrmrd_header", data=np.bytes_(header.encode()))
-        f.attrs["acquisition"] = f"AX{volume.sequence}"
+        f.attrs["acquisition"] = acquisition(site, volume.sequence)
         f.attrs["max"] = float(volume.target.max())
         f.attrs["norm"] = float(np.linalg.norm(volume.target))
         f.attrs["patient_id"] = volume.subject
@@ -389,10 +588,15 @@ def _sites_json(config: SyntheticConfig) -> dict:
     """Site registry entries (roots relative to the folder holding sites.json) and the image size
     runs on these sites default to."""
     sites = {}
-    for name, spec in SITES.items():
+    for name in config.sites():
+        spec = SITES[name]
         entry: dict = {"root": name, "format": spec.format}
         if spec.format == "fastmri_h5":
             entry["challenge"] = "singlecoil"
+        if "multicoil" in config.challenges(name):
+            entry["multicoil_root"] = f"{MULTICOIL_FOLDER}/{name}"
+        if spec.anatomy == "knee":  # runs on the brain sites choose their --sequence
+            entry["sequence"] = config.site_sequences(name)[0]
         extra = _extra_slices(name, config.slices)
         entry["slice_range"] = [extra, extra + config.slices] if extra else None
         entry["description"] = f"synthetic {spec.description}"
@@ -407,7 +611,9 @@ def manifest(config: SyntheticConfig) -> dict:
         "version": GENERATOR_VERSION,
         "config": asdict(config),
         "sites": {name: asdict(spec) for name, spec in SITES.items()},
-        "tissues": {name: asdict(t) for name, t in TISSUES.items()},
+        "tissues": {f"{field}T": {name: asdict(t) for name, t in table.items()}
+                    for field, table in TISSUES.items()},
+        "knee_tissues": {name: asdict(t) for name, t in KNEE_TISSUES.items()},
     }
     return json.loads(json.dumps(content))
 
@@ -424,14 +630,17 @@ def _generate_into(folder: Path, config: SyntheticConfig, progress: bool) -> Non
     Subjects are computed in a few threads (numpy releases the GIL in its array loops) and
     written in order by this thread; every subject has its own seed, so the output is the same.
     """
-    jobs = [(site, split, i) for site in SITES for split in SPLITS for i in range(config.volumes(split))]
-    for site in SITES:
-        for sequence in config.sequences:
-            for split in SPLITS:
-                (folder / site / sequence / split).mkdir(parents=True, exist_ok=True)
+    sites = config.sites()
+    jobs = [(site, split, i) for site in sites for split in SPLITS for i in range(config.volumes(split))]
+    total = 0
+    for site in sites:
+        for root in [Path(site)] + [Path(MULTICOIL_FOLDER, site)] * ("multicoil" in config.challenges(site)):
+            for sequence in config.site_sequences(site):
+                for split in SPLITS:
+                    (folder / root / sequence / split).mkdir(parents=True, exist_ok=True)
+                total += sum(config.volumes(split) for split in SPLITS)
     workers = max(1, min(4, os.cpu_count() or 1))
-    bar = tqdm(total=len(jobs) * len(config.sequences), desc="synthetic sites", unit="vol",
-               disable=None if progress else True)
+    bar = tqdm(total=total, desc="synthetic sites", unit="vol", disable=None if progress else True)
     with bar, ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for job in jobs + [None] * (2 * workers):
@@ -440,7 +649,8 @@ def _generate_into(folder: Path, config: SyntheticConfig, progress: bool) -> Non
             if len(pending) > 2 * workers or (job is None and pending):
                 (site, split, _), future = pending.popleft()
                 for volume in future.result():
-                    out = folder / site / volume.sequence / split / f"{volume.subject}_{volume.sequence}"
+                    root = folder / MULTICOIL_FOLDER if volume.challenge == "multicoil" else folder
+                    out = root / site / volume.sequence / split / volume.subject
                     if SITES[site].format == "fastmri_h5":
                         _write_h5(out.with_suffix(".h5"), volume, site, config)
                     else:
@@ -544,12 +754,16 @@ def _parser() -> argparse.ArgumentParser:
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(
         prog="python -m data.synthetic",
-        description="Write four synthetic MRI sites (F, H: fastMRI singlecoil HDF5; I, B: NIfTI)\n"
-                    "with T1 and T2 volumes in train/val/test splits, plus sites.json for the site\n"
-                    "registry. Nothing is written when the folder already holds the same\n"
-                    "parameters. Prints the root folder.",
-        epilog="sites:\n" + "".join(f"  {name}  {spec.description}\n" for name, spec in SITES.items())
-               + "\nlayout: ROOT/<site>/<T1|T2>/<train|val|test>/<subject>_<sequence>.h5|.nii.gz\n"
+        description="Write five synthetic MRI sites (F, H, K: fastMRI HDF5; I, B: NIfTI) with\n"
+                    "each site's contrasts in train/val/test splits, plus sites.json for the site\n"
+                    "registry; with --multicoil also F, H and K as fastMRI multicoil files.\n"
+                    "Nothing is written when the folder already holds the same parameters.\n"
+                    "Prints the root folder.",
+        epilog="sites:\n" + "".join(f"  {name}  {', '.join(spec.sequences)}: {spec.description}\n"
+                                     for name, spec in SITES.items())
+               + "\nlayout: ROOT/<site>/<sequence>/<train|val|test>/<subject>.h5|.nii.gz (the same\n"
+               "  subject names in every sequence folder of a site); with --multicoil also\n"
+               f"  ROOT/{MULTICOIL_FOLDER}/<site>/<sequence>/<split>/<subject>.h5\n"
                f"default ROOT: a per-parameter subfolder of {default_cache_dir()}\n"
                "  ($FEDRECON_SYNTHETIC_DIR, else $FEDRECON_CACHE/synthetic, else "
                "~/.cache/fedrecon/synthetic)",
@@ -567,6 +781,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="slices per volume (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="random seed; same seed, same arrays (default: %(default)s)")
+    parser.add_argument("--multicoil", action="store_true",
+                        help="also write F, H and K as fastMRI multicoil HDF5 (about "
+                             "coils x the singlecoil size on disk)")
+    parser.add_argument("--coils", type=int, default=defaults.coils,
+                        help="receive channels of the coil arrays (multicoil files; K's emulated "
+                             "single coil) (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -577,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = SyntheticConfig(resolution=args.resolution, train=args.train, val=args.val,
-                                 test=args.test, slices=args.slices, seed=args.seed)
+                                 test=args.test, slices=args.slices, seed=args.seed,
+                                 multicoil=args.multicoil, coils=args.coils)
         if args.out is not None:
             root = write_synthetic_sites(config, args.out, force=args.force, progress=not args.quiet)
         else:

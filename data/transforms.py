@@ -200,3 +200,125 @@ class UnetDataTransform:
 def _fits(crop: tuple[int, int], shape: tuple[int, ...]) -> bool:
     """Whether a ``crop = (h, w)`` fits in the last two dims of ``shape``."""
     return crop[0] <= shape[-2] and crop[1] <= shape[-1]
+
+
+class VarNetSample(NamedTuple):
+    """One masked multicoil k-space slice for the VarNet, as fastMRI's ``VarNetSample``.
+
+    Attributes:
+        masked_kspace: complex64 ``(C, H, W)``, zero where not sampled.
+        mask: bool ``(1, 1, W)``, the sampled columns (fastMRI's ``(1, 1, W, 1)`` without its last
+            dim); batched ``(B, 1, 1, W)``, the VarNet's mask shape.
+        num_low_frequencies: width of the fully sampled centre band (ACS lines) from the mask
+            function; 0 with the file's own mask, for the model to derive it from the mask.
+        target: float32 ``(h, w)`` reference image; ``tensor([0.])`` when the file has none.
+        fname: file name of the volume.
+        slice_num: slice index in the volume.
+        max_value: the volume's ``max`` attribute (target maximum), 0.0 without target.
+        crop_size: ``(h, w)`` the output is cropped to for the loss and evaluation.
+    """
+
+    masked_kspace: torch.Tensor
+    mask: torch.Tensor
+    num_low_frequencies: int
+    target: torch.Tensor
+    fname: str
+    slice_num: int
+    max_value: float
+    crop_size: tuple[int, int]
+
+
+class VarNetDataTransform:
+    """Mask multicoil k-space for the VarNet, as ``fastmri.data.transforms.VarNetDataTransform``.
+
+    The columns outside the acquired range of the ISMRMRD header (``attrs["padding_left"]``,
+    ``attrs["padding_right"]``) are never sampled. Unlike fastMRI, a file without a header is
+    accepted: no padding, and the crop size is the target's (else the k-space's) size; a negative
+    ``padding_left`` is taken as 0 (fastMRI's slice ``[:negative]`` would unsample most columns).
+    """
+
+    def __init__(self, mask_func: MaskFunc | None = None, use_seed: bool = True):
+        """
+        Args:
+            mask_func: undersampling mask; None keeps the file's own mask (test/challenge data,
+                already undersampled).
+            use_seed: seed the mask with the file name, so that every slice of a volume and every
+                run gets the same mask; False draws a fresh mask each call.
+        """
+        self.mask_func = mask_func
+        self.use_seed = use_seed
+
+    def __call__(
+        self,
+        kspace: np.ndarray,
+        mask: np.ndarray | None,
+        target: np.ndarray | None,
+        attrs: Mapping[str, Any],
+        fname: str,
+        slice_num: int,
+        seed: Seed | None = None,
+    ) -> VarNetSample:
+        """
+        Args:
+            kspace: complex64 ``(C, H, W)`` multicoil k-space.
+            mask: the file's sampling mask ``(W,)``, used only when there is no ``mask_func``.
+            target: float32 ``(h, w)`` reference image, or None.
+            attrs: the file's attributes; reads ``max``, and when present ``padding_left``,
+                ``padding_right`` and ``recon_size`` (from the ISMRMRD header).
+            fname: file name; the mask seed when ``use_seed``.
+            slice_num: slice index.
+            seed: mask seed overriding the file-name seed.
+        """
+        if kspace.ndim != 3:
+            raise DataError(
+                f"{fname}: the VarNet needs multicoil k-space slices (coils, H, W), got shape "
+                f"{kspace.shape}; use --challenge multicoil with a multicoil site"
+            )
+        width = kspace.shape[-1]
+        first = max(int(attrs.get("padding_left", 0)), 0)
+        stop = int(attrs.get("padding_right", width))
+        if "recon_size" in attrs:
+            crop_size = (int(attrs["recon_size"][0]), int(attrs["recon_size"][1]))
+        else:
+            crop_size = tuple(target.shape[-2:]) if target is not None else tuple(kspace.shape[-2:])
+        if target is not None:
+            target_t = torch.from_numpy(target)
+            max_value = float(attrs["max"])
+        else:
+            target_t = torch.zeros(1)
+            max_value = 0.0
+
+        kspace_t = torch.from_numpy(kspace)
+        if self.mask_func is not None:
+            if seed is None and self.use_seed:
+                seed = tuple(map(ord, fname))
+            # fastMRI's apply_mask: one mask (1, 1, W, 1) for all coils and rows.
+            sampled, num_low_frequencies = self.mask_func((1,) + kspace.shape[-2:] + (2,), seed=seed)
+            sampled = sampled.squeeze(-1)
+            sampled[..., :first] = 0
+            sampled[..., stop:] = 0
+            # "+ 0.0" turns the negative zeros of unsampled entries into zeros, as fastMRI.
+            masked = torch.view_as_complex(torch.view_as_real(kspace_t) * sampled.unsqueeze(-1) + 0.0)
+        else:
+            if mask is None or mask.shape != (width,):
+                found = "no mask" if mask is None else f"a mask of shape {mask.shape}"
+                raise DataError(
+                    f"{fname}: has {found}, but without a mask function the file's own 'mask' "
+                    f"dataset of {width} entries (one per k-space column) is needed"
+                )
+            sampled = torch.from_numpy(mask.astype(np.float32)).reshape(1, 1, width)
+            sampled[..., :first] = 0
+            sampled[..., stop:] = 0
+            masked = kspace_t
+            num_low_frequencies = 0
+
+        return VarNetSample(
+            masked_kspace=masked,
+            mask=sampled.to(torch.bool),
+            num_low_frequencies=int(num_low_frequencies),
+            target=target_t,
+            fname=fname,
+            slice_num=slice_num,
+            max_value=max_value,
+            crop_size=crop_size,
+        )

@@ -171,7 +171,7 @@ def recon_figure(results: GridResults, runs: list[RunResult], stem: Path, title:
         raise UserError(f"--slice {index}: volume {volume} has slices 0..{len(ref.slice_nums) - 1}")
     truth = ref.target[index]
     maxval = float(ref.target.max())
-    images = {"zero-filled": ref.zero_filled[index]}
+    images = {"zero-filled": ref.baseline[index]}
     for name, folder in recons.items():
         with h5py.File(folder / f"{volume}.h5", "r") as f:
             images[name] = f["reconstruction"][index]
@@ -218,12 +218,15 @@ def reference(run: RunResult, volume: str):
 
     from federated.evaluation import reconstruct_volumes
     from federated.experiment import Experiment, eval_set, resolve_registry
+    from federated.tasks import task_for
     from utils.errors import UserError
 
     opts = argparse.Namespace(**{**run.options, "quiet": True})
     registry, _ = resolve_registry(opts)
-    exp = Experiment(registry, [], [], run.target, [run.target], None)
-    for vol in reconstruct_volumes(eval_set(exp, run.target, "test", opts), None, opts.bs, 0, torch.device("cpu")):
+    task = task_for(opts)
+    exp = Experiment(task, registry, [], [], run.target, [run.target], None)
+    for vol in reconstruct_volumes(task, eval_set(exp, run.target, "test", opts), None, opts.bs, 0,
+                                   torch.device("cpu")):
         if _stem(vol.fname) == volume:
             return vol
     raise UserError(f"--volume {volume}: no such test volume on site {run.target}")

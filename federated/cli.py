@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from federated.strategies import STRATEGIES, describe
+from federated.tasks import TASKS, task_name
 from options import REAL_DATA_RESOLUTION, SYNTHETIC_RESOLUTION, parse_options
 from utils.console import Console
 from utils.errors import UserError
@@ -22,7 +23,7 @@ def check_options(opts: argparse.Namespace) -> None:
                 "chans": opts.chans, "num_pools": opts.num_pools, "eval_every": opts.eval_every,
                 "lr_step": opts.lr_step}
     for flag, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:  # None: a flag the run's task does not use (--chans for synthesis)
             raise UserError(f"--{flag} {value}: must be at least 1")
     if opts.num_users is not None and opts.num_users < 1:
         raise UserError(f"--num_users {opts.num_users}: must be at least 1")
@@ -35,8 +36,9 @@ def check_options(opts: argparse.Namespace) -> None:
         raise UserError(f"--lr {opts.lr}: must be positive")
     if not 0 <= opts.drop_prob < 1:
         raise UserError(f"--drop_prob {opts.drop_prob}: must be in [0, 1)")
-    if opts.resolution is not None and opts.resolution < 2 ** opts.num_pools:
-        raise UserError(f"--resolution {opts.resolution}: must be at least 2**--num_pools = {2 ** opts.num_pools}")
+    TASKS[task_name(opts)](opts).check_options()
+    from data.augment import check_augment_options
+    check_augment_options(opts, STRATEGIES[opts.strategy].schedule_per_epoch)
     if opts.num_workers < 0:
         raise UserError(f"--num_workers {opts.num_workers}: must be 0 or more")
     # Mask flags are checked where masks are made; make one now so a bad value fails before any work.

@@ -26,7 +26,7 @@ class ClientFailure(RuntimeError):
 class Client:
     """Everything a client keeps between rounds.
 
-    `dataset` yields `UnetSample`s of its training slices and has `set_epoch(seed)`; `generator`
+    `dataset` yields the task's samples of its training slices and has `set_epoch(seed)`; `generator`
     drives its shuffling and training masks so that every client's randomness is its own and is
     saved in checkpoints.
     """
@@ -58,16 +58,17 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: tor
 
 
 def local_update(client: Client, model: nn.Module, strategy: Strategy, global_state: State,
-                 opts, device: torch.device) -> LocalResult:
+                 opts, device: torch.device, *, rnd: int) -> LocalResult:
     """Train `model` on the client's data for `opts.local_ep` epochs, starting from the strategy's
-    choice of weights; RMSprop and StepLR (stepped once per round) persist across rounds.
+    choice of weights; the task's optimiser and StepLR (stepped once per round) persist across rounds.
 
     Raises ClientFailure when the mean loss is not finite.
     """
     model.load_state_dict(strategy.local_state(client, global_state))
     model.train()
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=opts.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opts.lr_step, gamma=opts.lr_gamma)
+    task = strategy.task
+    optimizer = task.make_optimizer(model.parameters())
+    scheduler = task.make_scheduler(optimizer)
     if client.optimizer_state is not None:
         # A copy: the optimizer updates its state in place, and a failed update must leave none behind.
         optimizer.load_state_dict(copy.deepcopy(client.optimizer_state))
@@ -77,14 +78,15 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for _ in range(opts.local_ep):
-        # A fresh, reproducible mask for every slice in every epoch, whatever the number of workers.
+    for epoch in range(opts.local_ep):
+        # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
+        # number of workers.
         client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
-        for batch in loader:
-            image = batch.image.unsqueeze(1).to(device, non_blocking=True)
-            target = batch.target.unsqueeze(1).to(device, non_blocking=True)
+        client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
+        for samples in loader:
+            batch = task.to_device(samples, device)
             with autocast(opts, device):
-                loss, logs = strategy.training_loss(client, model, batch, image, target)
+                loss, logs = strategy.training_loss(client, model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,4 +1,4 @@
-"""How far apart two sites' U-Net latents are: the squared maximum mean discrepancy (MMD^2) between
+"""How far apart two sites' latents are: the squared maximum mean discrepancy (MMD^2) between
 pooled bottleneck latents, with a Gaussian kernel whose width is the median pairwise distance, so
 the figure does not depend on the latents' overall scale."""
 from __future__ import annotations
@@ -8,18 +8,19 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from federated.client import make_loader
+from federated.tasks.base import Task
 from models.discriminator import pool_latent
 
 
 @torch.no_grad()
-def pooled_latents(model: nn.Module, dataset: Dataset, device: torch.device, max_slices: int,
+def pooled_latents(task: Task, model: nn.Module, dataset: Dataset, device: torch.device, max_slices: int,
                    batch_size: int = 8) -> torch.Tensor:
     """(N, 4C) pooled latents of the first `max_slices` slices of `dataset` (encoder only)."""
     model.eval()
     vectors, seen = [], 0
-    for batch in make_loader(dataset, batch_size, False, None, 0, device):
-        vectors.append(pool_latent(model.encode(batch.image.unsqueeze(1).to(device))).float())
-        seen += len(batch.fname)
+    for samples in make_loader(dataset, batch_size, False, None, 0, device):
+        vectors.append(pool_latent(task.encode(model, task.to_device(samples, device).inputs)).float())
+        seen += len(samples.fname)
         if seen >= max_slices:
             break
     return torch.cat(vectors)[:max_slices]

@@ -69,8 +69,8 @@ class Exchange(Protocol):
     def evaluate(self, global_state: State, plan: list[PlanEntry], latent_sites: list[str]) -> Evaluation:
         """Validation scores of each plan entry, and the global model's latents on `latent_sites`."""
 
-    def zero_filled(self, sites: list[str]) -> dict[str, dict]:
-        """Validation scores of the zero-filled input per site (round 0 of metrics.csv)."""
+    def baseline(self, sites: list[str]) -> dict[str, dict]:
+        """Validation scores of the task's model-free baseline per site (round 0 of metrics.csv)."""
 
     def client_states(self) -> dict:
         """What the checkpoint keeps of the clients."""
@@ -115,18 +115,19 @@ def evaluate_model(model: nn.Module, strategy: Strategy, dataset, global_state: 
     """Validation scores of the global model (client None) or of `client`'s model on `dataset`."""
     model.load_state_dict(strategy.eval_state(global_state, client))
     model.eval()
-    predict = autocast_forward(lambda x: strategy.forward(model, x, client), opts, device)
-    return evaluate(dataset, predict, opts.bs, opts.num_workers, device)["model"]
+    predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
+    return evaluate(strategy.task, dataset, predict, opts.bs, opts.num_workers, device)["model"]
 
 
-def zero_filled_scores(dataset, opts: argparse.Namespace, device: torch.device) -> dict:
-    return evaluate(dataset, None, opts.bs, opts.num_workers, device)["zero_filled"]
+def baseline_scores(strategy: Strategy, dataset, opts: argparse.Namespace, device: torch.device) -> dict:
+    return evaluate(strategy.task, dataset, None, opts.bs, opts.num_workers, device)["baseline"]
 
 
-def global_latents(model: nn.Module, global_state: State, dataset, device: torch.device) -> torch.Tensor:
+def global_latents(model: nn.Module, strategy: Strategy, global_state: State, dataset,
+                   device: torch.device) -> torch.Tensor:
     """(N, 4C) pooled latents of the global model on the first GAP_SLICES slices of `dataset`."""
     model.load_state_dict(global_state)
-    return pooled_latents(model, dataset, device, GAP_SLICES)
+    return pooled_latents(strategy.task, model, dataset, device, GAP_SLICES)
 
 
 # ---- in this process ---------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class InProcess:
             before = copy.deepcopy(strategy.client_state(client))
             start = time.perf_counter()
             try:
-                result = local_update(client, self.model, strategy, global_state, self.opts, self.device)
+                result = local_update(client, self.model, strategy, global_state, self.opts, self.device, rnd=rnd)
             except Exception as e:  # one site's failure must not end the run
                 strategy.load_client_state(client, before)
                 out.append(LeftOut(client, failure_reason(e)))
@@ -164,11 +165,12 @@ class InProcess:
                                                 client, self.opts, self.device))
             result.seconds.append(time.perf_counter() - start)
         for site in latent_sites:
-            result.latents[site] = global_latents(self.model, global_state, self.eval_sets[site], self.device)
+            result.latents[site] = global_latents(self.model, self.strategy, global_state, self.eval_sets[site],
+                                                  self.device)
         return result
 
-    def zero_filled(self, sites: list[str]) -> dict[str, dict]:
-        return {site: zero_filled_scores(self.eval_sets[site], self.opts, self.device) for site in sites}
+    def baseline(self, sites: list[str]) -> dict[str, dict]:
+        return {site: baseline_scores(self.strategy, self.eval_sets[site], self.opts, self.device) for site in sites}
 
     def client_states(self) -> dict:
         return {c.name: client_checkpoint(c, self.strategy) for c in self.exp.clients}

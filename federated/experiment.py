@@ -5,7 +5,7 @@ This is the one place that turns flags into datasets; the round loop receives th
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +15,8 @@ from data.mri_data import SliceDataset, subsample_volumes
 from data.sites import ClientSpec, Site, assign_clients, parse_site_list, registry_for
 from data.subsample import create_mask_for_mask_type
 from data.synthetic import SyntheticConfig, ensure_synthetic_sites
-from data.transforms import UnetDataTransform
 from federated.client import Client
+from federated.tasks.base import Task
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Experiment:
-    """The sites and clients of one run.
+    """The sites and clients of one run, and what is learned on them.
 
     `clients` train; `eval_sites` (test site first) are evaluated on `split` by `eval_set`.
     """
+    task: Task
     registry: dict[str, Site]
     clients: list[Client]
     train_sites: list[str]
@@ -40,7 +41,8 @@ class Experiment:
 def resolve_registry(opts: argparse.Namespace) -> tuple[dict[str, Site], Path | None]:
     """The site registry, generating the synthetic sites first when no data was named."""
     if opts.data_root is None and opts.sites is None:
-        root = ensure_synthetic_sites(SyntheticConfig(resolution=opts.resolution),
+        config = SyntheticConfig(resolution=opts.resolution, multicoil=opts.challenge == "multicoil")
+        root = ensure_synthetic_sites(config,
                                       Path(opts.synthetic_dir) if opts.synthetic_dir else None,
                                       progress=not opts.quiet)
         return with_challenge(registry_for(root, None), opts.challenge), root
@@ -59,28 +61,27 @@ def with_challenge(registry: dict[str, Site], challenge: str) -> dict[str, Site]
     per site); image sites are single-coil by nature."""
     if challenge == "singlecoil":
         return registry
-    return {k: replace(s, challenge=challenge) if s.format == "fastmri_h5" else s for k, s in registry.items()}
+    return {k: s.with_challenge(challenge) for k, s in registry.items()}
 
 
-def site_dataset(site: Site, files: list[Path], opts: argparse.Namespace, train: bool) -> SliceDataset:
-    """A site's slices through the U-Net transform. Training draws a fresh mask per slice and epoch;
+def site_dataset(task: Task, site: Site, files: list[Path], opts: argparse.Namespace,
+                 train: bool) -> SliceDataset:
+    """A site's slices through the task's transform. Training draws a fresh mask per slice and epoch;
     evaluation seeds masks from the file name (the same for every slice of a volume and every run)."""
+    task.check_site(site)
     mask = create_mask_for_mask_type(opts.mask_type, opts.center_fractions, opts.accelerations)
-    transform = UnetDataTransform(site.challenge, mask, use_seed=not train,
-                                  crop_size=(opts.resolution, opts.resolution))
-    return SliceDataset(files, transform, fmt=site.format, challenge=site.challenge,
-                        resolution=opts.resolution, slice_range=site.slice_range)
+    return task.dataset(site, files, train, mask)
 
 
 def eval_set(exp: Experiment, site_name: str, split: str, opts: argparse.Namespace) -> SliceDataset:
     """The `split` slices of one site, masks seeded from the file names."""
     site = exp.registry[site_name]
     files = subsample_volumes(site.files(opts.sequence, split), opts.val_sample_rate, opts.seed)
-    return site_dataset(site, files, opts, train=False)
+    return site_dataset(exp.task, site, files, opts, train=False)
 
 
-def _client(group: list[ClientSpec], index: int, opts: argparse.Namespace) -> Client:
-    parts = [site_dataset(spec.site, list(spec.train_files), opts, train=True) for spec in group]
+def _client(task: Task, group: list[ClientSpec], index: int, opts: argparse.Namespace) -> Client:
+    parts = [site_dataset(task, spec.site, list(spec.train_files), opts, train=True) for spec in group]
     dataset = parts[0] if len(parts) == 1 else ConcatSliceDataset(parts)
     generator = torch.Generator().manual_seed(opts.seed * 1000 + index + 1)
     name = group[0].name if len(group) == 1 else "+".join(spec.name for spec in group)
@@ -88,7 +89,7 @@ def _client(group: list[ClientSpec], index: int, opts: argparse.Namespace) -> Cl
                   generator=generator)
 
 
-def site_clients(opts: argparse.Namespace, registry: dict[str, Site], train_sites: list[str],
+def site_clients(task: Task, opts: argparse.Namespace, registry: dict[str, Site], train_sites: list[str],
                  site: str) -> list[Client]:
     """The clients `build_experiment` makes on `site` (same names, volumes and seeds) from that
     site's data alone, as a Flower SuperNode holding one site builds them. Strategies that regroup
@@ -100,7 +101,7 @@ def site_clients(opts: argparse.Namespace, registry: dict[str, Site], train_site
     per_site = num_users // len(train_sites)
     specs = assign_clients([registry[site]], per_site, opts.sequence, opts.sample_rate, opts.seed)
     first = train_sites.index(site) * per_site
-    return [_client([spec], first + k, opts) for k, spec in enumerate(specs)]
+    return [_client(task, [spec], first + k, opts) for k, spec in enumerate(specs)]
 
 
 class ConcatSliceDataset(torch.utils.data.ConcatDataset):
@@ -109,6 +110,10 @@ class ConcatSliceDataset(torch.utils.data.ConcatDataset):
     def set_epoch(self, seed: int | None) -> None:
         for d in self.datasets:
             d.set_epoch(seed)
+
+    def set_time(self, t: int, total: int) -> None:
+        for d in self.datasets:
+            d.set_time(t, total)
 
 
 def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment:
@@ -122,6 +127,6 @@ def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment
     specs = assign_clients([registry[s] for s in train_sites], num_users, opts.sequence,
                            opts.sample_rate, opts.seed)
     groups = strategy.arrange_clients([[spec] for spec in specs])
-    clients = [_client(group, i, opts) for i, group in enumerate(groups)]
+    clients = [_client(strategy.task, group, i, opts) for i, group in enumerate(groups)]
     eval_sites = [test_site] + [s for s in train_sites if s != test_site]
-    return Experiment(registry, clients, train_sites, test_site, eval_sites, synthetic_root)
+    return Experiment(strategy.task, registry, clients, train_sites, test_site, eval_sites, synthetic_root)

@@ -16,10 +16,11 @@ def autocast(opts: argparse.Namespace, device: torch.device) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-def autocast_forward(predict: Callable[[torch.Tensor], torch.Tensor], opts: argparse.Namespace,
-                     device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`predict` ((B, 1, H, W) -> (B, 1, H, W)) run under `autocast`; callers cast its output to float32."""
-    def run(image: torch.Tensor) -> torch.Tensor:
+def autocast_forward(predict: Callable[[tuple], torch.Tensor], opts: argparse.Namespace,
+                     device: torch.device) -> Callable[[tuple], torch.Tensor]:
+    """`predict` (the task's model inputs -> output) run under `autocast`; callers cast its output
+    to float32."""
+    def run(inputs: tuple) -> torch.Tensor:
         with autocast(opts, device):
-            return predict(image)
+            return predict(inputs)
     return run

@@ -16,8 +16,8 @@ from federated.client import Client
 from federated.domain_gap import mmd2
 from federated.exchange import Exchange, InProcess, LeftOut
 from federated.experiment import Experiment, build_experiment, eval_set
+from federated.run_plan import describe_run, projection
 from federated.strategies.base import State, Strategy
-from models.unet import load_pretrained
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.report import final_table
@@ -87,7 +87,8 @@ def evaluate_round(rnd: int, strategy: Strategy, exp: Experiment, state: RunStat
     site and of every training site."""
     plan = evaluation_plan(strategy, exp)
     sources = [s for s in exp.train_sites if s != exp.test_site]
-    latent_sites = sources + [exp.test_site] if sources and not strategy.personalized else []
+    gap = not strategy.personalized and exp.task.has_latent
+    latent_sites = sources + [exp.test_site] if sources and gap else []
     result = exchange.evaluate(state.global_state, plan, latent_sites)
     rows = []
     for (label, _, site), scores, seconds in zip(plan, result.scores, result.seconds):
@@ -95,7 +96,7 @@ def evaluate_round(rnd: int, strategy: Strategy, exp: Experiment, state: RunStat
             log.warn(f"round {rnd}: no validation scores for model {label} on site {site}")
             continue
         rows.append({"round": rnd, "model": label, "site": site, "split": "val", **scores, "seconds": seconds})
-    if not strategy.personalized:
+    if gap:
         rows.append(domain_gap_row(rnd, exp, sources, result.latents))
     return rows
 
@@ -165,10 +166,12 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
              + f"; target site {exp.test_site}; device {device}")
     eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}
+    for note in exp.task.notes():
+        log.info(note)
 
     model = strategy.build_model(exp.clients)
     if opts.pretrained:
-        load_pretrained(model, Path(opts.pretrained))
+        exp.task.load_pretrained(model, Path(opts.pretrained))
     model.to(device)
     strategy.prepare(exp, model, device)
     for c in exp.clients:
@@ -183,6 +186,7 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
 
     `model` holds the initial weights; `exp.clients` are the clients to draw from.
     """
+    log.info(describe_run(opts, model, len(exp.clients)))
     state = RunState(global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                      server_generator=torch.Generator().manual_seed(opts.seed))
     if run.resume:
@@ -191,7 +195,7 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
         log.info(f"continuing {run.path} after round {state.round}")
     if state.round == 0:
         # Before anything is written: a bad validation file ends the run with nothing half-made.
-        state.metrics += zero_filled_rows(exp, exchange)
+        state.metrics += baseline_rows(exp, exchange)
     run.create()
     run.write_metrics(state.metrics)
 
@@ -219,11 +223,15 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
         if improved:
             save_atomic(ckpt, run.best)
         run.write_metrics(state.metrics)
-    log.table(final_table(state.metrics, exp.eval_sites, strategy.name))
+        if rnd == rounds.start and rnd < opts.epochs:
+            log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,
+                                opts.eval_every))
+    log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name))
     return state
 
 
-def zero_filled_rows(exp: Experiment, exchange: Exchange) -> list[dict]:
-    scores = exchange.zero_filled(exp.eval_sites)
-    return [{"round": 0, "model": "zero_filled", "site": site, "split": "val", **scores[site]}
+def baseline_rows(exp: Experiment, exchange: Exchange) -> list[dict]:
+    """Round 0: the task's model-free baseline (zero-filled for reconstruction) on every site."""
+    scores = exchange.baseline(exp.eval_sites)
+    return [{"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val", **scores[site]}
             for site in exp.eval_sites]

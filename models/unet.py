@@ -211,8 +211,9 @@ class Unet(nn.Module):
         return self._decode(latent, skips)
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The U-Net state_dict stored in ``path``: raw, or under "state_dict" (Lightning, "unet." keys)."""
+def _read_checkpoint(path: Path, prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    """The state_dict stored in ``path``: raw, or under "state_dict" (Lightning: the keys under the
+    module's attribute ``prefix`` are kept, without it, e.g. "unet." for fastMRI's UnetModule)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
@@ -235,8 +236,8 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: holds a {type(obj).__name__} that is not a state_dict of tensors, "
             "nor a dict with one under 'state_dict'"
         )
-    if any(key.startswith("unet.") for key in obj):
-        obj = {key.removeprefix("unet."): v for key, v in obj.items() if key.startswith("unet.")}
+    if any(key.startswith(prefix) for key in obj):
+        obj = {key.removeprefix(prefix): v for key, v in obj.items() if key.startswith(prefix)}
     return obj
 
 

@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny synthetic multi-site data root, generated once per test session."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -23,3 +27,22 @@ def tiny_root(tmp_path_factory) -> Path:
 def run_cli(args: list[str], prog: str = "main_fl_mr.py", strategy: str = "fedavg") -> int:
     from federated.cli import main
     return main(args, prog, strategy, "")
+
+
+def wait_until(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
+               timeout: float = 300.0) -> None:
+    """Poll `condition` until it holds. Fails naming `what` when `proc` exits first or after `timeout`
+    seconds (generous: the wait is for a state, the bound only keeps a broken run from hanging the suite)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited with code {proc.returncode} before {what}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
+        time.sleep(0.01)
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn: a child started from a shell's background job inherits SIGINT ignored, and
+    Python then never turns SIGINT into KeyboardInterrupt; give it the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

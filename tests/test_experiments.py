@@ -9,13 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.__main__ import main as experiments_main
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,13 +55,6 @@ def runner(grid: Path, out: Path, root: Path) -> list[str]:
             "--", "--data_root", str(root)]
 
 
-def wait_for(condition, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def finished_grid(tiny_root, tmp_path_factory) -> dict:
     """The tiny grid, killed (with its runs) once its first run has finished and the second has
@@ -73,11 +66,12 @@ def finished_grid(tiny_root, tmp_path_factory) -> dict:
     proc = subprocess.Popen(runner(grid, out, tiny_root), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: (second / "last.pt").is_file())
-        assert json.loads((first / "run.json").read_text())["trained"]
+        wait_until((second / "last.pt").is_file, f"{second.name} saves its first round", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert json.loads((first / "run.json").read_text())["trained"]
+    assert torch.load(second / "last.pt", weights_only=True)["round"] < 3, "the 3-round run had finished before the kill"
     first_checkpoint = (first / "last.pt").stat().st_mtime_ns
     again = subprocess.run(runner(grid, out, tiny_root), cwd=ROOT, capture_output=True, text=True)
     return {"out": out, "again": again, "first_checkpoint": first_checkpoint}

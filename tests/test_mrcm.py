@@ -37,7 +37,7 @@ def one_step_grads(tiny_root, lambda_adv: float, mode: str = "images") -> dict[s
     strategy.begin_round(1, model, {k: v.clone() for k, v in model.state_dict().items()}, [client])
     client.dataset.set_epoch(1)
     batch = torch.utils.data.default_collate([client.dataset[i] for i in range(4)])
-    loss, logs = strategy.training_loss(client, model, batch, batch.image.unsqueeze(1), batch.target.unsqueeze(1))
+    loss, logs = strategy.training_loss(client, model, strategy.task.to_device(batch, device))
     assert {"adv_loss", "disc_loss", "disc_acc", "recon_loss"} <= set(logs)
     model.zero_grad()
     loss.backward()

@@ -234,3 +234,42 @@ def test_clients_read_through_the_slice_dataset(tmp_path):
                               challenge=c.site.challenge, slice_range=c.site.slice_range))
              for c in clients]
     assert sizes == [2, 6]  # BraTS keeps slices 14..19 of 20
+
+
+def test_sites_file_gives_a_site_its_own_sequence_and_multicoil_root(tmp_path):
+    sites_file = write_sites_file(tmp_path / "s.json", {
+        "K": {"root": "knee", "format": "fastmri_h5", "sequence": "PD", "multicoil_root": "mc/knee"},
+        "F": {"root": "brain", "format": "fastmri_h5"},
+        "I": {"root": "ixi", "format": "nifti", "multicoil_root": "ixi_mc"},
+    })
+    registry = registry_for(None, sites_file)
+    assert registry["K"].sequence == "PD" and registry["K"].multicoil_root == tmp_path / "mc" / "knee"
+    assert registry["F"].sequence is None and registry["F"].multicoil_root is None
+    touch_volumes(tmp_path / "knee" / "PD" / "train", ["k1.h5"])
+    touch_volumes(tmp_path / "brain" / "T1" / "train", ["f1.h5"])
+    assert registry["K"].files("T1", "train") == [tmp_path / "knee" / "PD" / "train" / "k1.h5"]
+    assert registry["F"].files("T1", "train") == [tmp_path / "brain" / "T1" / "train" / "f1.h5"]
+
+    multicoil = {name: site.with_challenge("multicoil") for name, site in registry.items()}
+    assert multicoil["K"].root == tmp_path / "mc" / "knee" and multicoil["K"].challenge == "multicoil"
+    assert multicoil["F"].root == tmp_path / "brain" and multicoil["F"].challenge == "multicoil"
+    assert multicoil["I"] == registry["I"]  # image sites are single-coil by nature
+
+
+def test_site_sequence_folder_missing_names_the_sites_file_setting(tmp_path):
+    touch_volumes(tmp_path / "knee" / "PDFS" / "train", ["k1.h5"])
+    site = Site("K", tmp_path / "knee", "fastmri_h5", sequence="PD")
+    with pytest.raises(DataError, match=r"no sequence folder \S*knee/PD; sequences in \S*: PDFS: set "
+                                        r"the site's \"sequence\" in the sites file"):
+        site.files("T1", "train")
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"root": "x", "sequence": 1}, r"sequence must be the name of a sequence folder"),
+    ({"root": "x", "sequence": "a/b"}, r"sequence must be the name of a sequence folder"),
+    ({"root": "x", "multicoil_root": ""}, r"multicoil_root must be a folder path"),
+])
+def test_malformed_sequence_or_multicoil_root(tmp_path, entry, problem):
+    path = write_sites_file(tmp_path / "bad.json", {"X": entry})
+    with pytest.raises(DataError, match=r"sites file \S*bad\.json, site 'X': " + problem):
+        load_sites_file(path)

@@ -19,7 +19,8 @@ BASE_COLUMNS = ["round", "model", "site", "split", "nmse", "psnr", "ssim",
 
 # Options that may change when a run is continued, without making it a different run.
 RESUMABLE_CHANGES = {"epochs", "continues", "resume", "overwrite", "quiet", "verbose", "num_workers",
-                     "device", "amp", "eval_every", "save_dir", "checkpoint", "phase", "demo", "pretrained"}
+                     "device", "amp", "eval_every", "save_dir", "checkpoint", "phase", "demo", "scale",
+                     "pretrained"}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

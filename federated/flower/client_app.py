@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from federated.client import local_update
 from federated.exchange import (evaluate_model, failure_reason, global_latents, keep_local, shared_entries,
-                                zero_filled_scores)
+                                baseline_scores)
 from federated.flower.messages import (ARRAYS, CONFIG, from_arrays, options_from_json, to_arrays,
                                        train_reply_content)
 from federated.flower.site import SiteNode, node_site
@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
           + (f"from its saved round {resumed} state" if resumed else "from a fresh state"), flush=True)
     global_state = {k: v.to(node.device) for k, v in from_arrays(msg.content.array_records[ARRAYS]).items()}
     node.strategy.begin_round(rnd, node.model, global_state, [client])
-    result = local_update(client, node.model, node.strategy, global_state, node.opts, node.device)
+    result = local_update(client, node.model, node.strategy, global_state, node.opts, node.device, rnd=rnd)
     keep_local(client, node.strategy, result)
     node.save(client, rnd)
     content = train_reply_content(shared_entries(node.strategy, result.state), client.num_slices, result.loss,
@@ -82,14 +82,15 @@ def train(msg: Message, context: Context) -> Message:
 @replies_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Config `entries`: JSON [[label, client name or ""], ...] to score (the global model for "");
-    `latents`: also the global model's pooled latents; `zero_filled`: the zero-filled input's scores."""
+    `latents`: also the global model's pooled latents; `baseline`: the task's model-free baseline's
+    scores (zero-filled for reconstruction)."""
     config = msg.content.config_records[CONFIG]
     node = SiteNode(context.node_config, study_of(msg))
     dataset = node.val_set()
     out: dict = {"scores": [], "seconds": []}
     records: dict = {}
-    if config["zero_filled"]:
-        out["zero_filled"] = zero_filled_scores(dataset, node.opts, node.device)
+    if config["baseline"]:
+        out["baseline"] = baseline_scores(node.strategy, dataset, node.opts, node.device)
     entries = json.loads(config["entries"])
     if entries or config["latents"]:
         global_state = {k: v.to(node.device) for k, v in from_arrays(msg.content.array_records[ARRAYS]).items()}
@@ -102,6 +103,6 @@ def evaluate(msg: Message, context: Context) -> Message:
                                                 node.opts, node.device))
             out["seconds"].append(time.perf_counter() - start)
         if config["latents"]:
-            records["latents"] = to_arrays({"latents": global_latents(node.model, global_state, dataset,
-                                                                      node.device)})
+            records["latents"] = to_arrays({"latents": global_latents(node.model, node.strategy, global_state,
+                                                                      dataset, node.device)})
     return Message(RecordDict({CONFIG: ConfigRecord({"result": json.dumps(out)}), **records}), reply_to=msg)

@@ -32,7 +32,6 @@ from federated.flower.options import check_flower_support, parse_flower_options
 from federated.server import RunStopped, run_study
 from federated.strategies import STRATEGIES
 from federated.strategies.base import State, Strategy
-from models.unet import load_pretrained
 from utils.console import Console
 from utils.errors import UserError
 from utils.runlog import RunDir
@@ -67,7 +66,7 @@ def serve(grid: Grid, argv: list[str]) -> int:
                  + f"; target site {exp.test_site}; {len(exchange.sites)} SuperNodes")
         model = strategy.build_model(exp.clients)
         if opts.pretrained:
-            load_pretrained(model, Path(opts.pretrained))
+            exp.task.load_pretrained(model, Path(opts.pretrained))
         run_study(run, exp, model, strategy, exchange, opts, log)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
@@ -153,7 +152,7 @@ class FlowerExchange:
             clients += [Client(name=str(n), site=s, dataset=None, num_slices=int(k), generator=torch.Generator())
                         for n, k in zip(c["clients"], c["num_slices"])]
         eval_sites = [test_site] + [s for s in train_sites if s != test_site]
-        self.exp = Experiment({}, clients, train_sites, test_site, eval_sites, None)
+        self.exp = Experiment(self.strategy.task, {}, clients, train_sites, test_site, eval_sites, None)
         return self.exp
 
     # ---- the round -------------------------------------------------------------------------------
@@ -213,10 +212,10 @@ class FlowerExchange:
     def evaluate(self, global_state: State, plan: list[PlanEntry], latent_sites: list[str]) -> Evaluation:
         work: dict[str, dict] = {}
         for label, client, site in plan:
-            w = work.setdefault(site, {"entries": [], "latents": False, "zero_filled": False})
+            w = work.setdefault(site, {"entries": [], "latents": False, "baseline": False})
             w["entries"].append([label, client.name if client is not None else ""])
         for site in latent_sites:
-            work.setdefault(site, {"entries": [], "latents": False, "zero_filled": False})["latents"] = True
+            work.setdefault(site, {"entries": [], "latents": False, "baseline": False})["latents"] = True
         results = self._evaluate_at({s: {**w, "entries": json.dumps(w["entries"])} for s, w in work.items()},
                                     global_state)
         out, taken = Evaluation([], []), {site: 0 for site in work}
@@ -228,13 +227,12 @@ class FlowerExchange:
         out.latents = {s: results[s]["latents"] for s in latent_sites if results[s] and "latents" in results[s]}
         return out
 
-    def zero_filled(self, sites: list[str]) -> dict[str, dict]:
-        results = self._evaluate_at({s: {"entries": "[]", "latents": False, "zero_filled": True} for s in sites},
-                                    None)
+    def baseline(self, sites: list[str]) -> dict[str, dict]:
+        results = self._evaluate_at({s: {"entries": "[]", "latents": False, "baseline": True} for s in sites}, None)
         missing = [s for s in sites if results[s] is None]
         if missing:
-            raise UserError(f"site {', '.join(missing)}: no zero-filled validation scores (see the warnings above)")
-        return {s: results[s]["zero_filled"] for s in sites}
+            raise UserError(f"site {', '.join(missing)}: no baseline validation scores (see the warnings above)")
+        return {s: results[s]["baseline"] for s in sites}
 
     # ---- checkpoint --------------------------------------------------------------------------------
     def client_states(self) -> dict:

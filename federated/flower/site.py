@@ -57,9 +57,10 @@ class SiteNode:
             raise UserError(f"--node-config site=\"{self.site}\": no such site in its data "
                             f"(known: {', '.join(sorted(registry))})")
         train_sites = list(study["train_sites"])
-        self.clients = site_clients(opts, registry, train_sites, self.site) if self.site in train_sites else []
-        self.exp = Experiment(registry, self.clients, train_sites, study["test_site"], [self.site], None)
         self.strategy = STRATEGIES[opts.strategy](opts)
+        task = self.strategy.task
+        self.clients = site_clients(task, opts, registry, train_sites, self.site) if self.site in train_sites else []
+        self.exp = Experiment(task, registry, self.clients, train_sites, study["test_site"], [self.site], None)
         self.model = self.strategy.build_model(self.clients).to(self.device)
         self.strategy.prepare(self.exp, self.model, self.device)
         for c in self.clients:

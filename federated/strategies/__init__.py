@@ -6,6 +6,7 @@ from federated.strategies.fedprox import FedProx
 from federated.strategies.fedbn import FedBN
 from federated.strategies.fedmri import FedMRI
 from federated.strategies.pfl import PersonalizedFL
+from federated.strategies.pflsynth import PFLSynth
 from federated.strategies.local import Local
 from federated.strategies.central import Central
 
@@ -16,6 +17,7 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in [
     FedBN,
     FedMRI,
     PersonalizedFL,
+    PFLSynth,
     Local,
     Central,
 ]}

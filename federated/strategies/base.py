@@ -7,22 +7,25 @@ server calls the hooks in this order each round:
     begin_round -> for each selected client: [local_state -> training_loss per batch -> end_local]
     -> aggregate -> end_round -> evaluation through eval_state
 
-The base class is FedAvg: everything shared, weights uniform or by slices, plain L1 loss, one global
-model evaluated everywhere.
+The base class is FedAvg: everything shared, weights uniform or by slices, the task's loss, one
+global model evaluated everywhere. What is learned (model, sample, loss, optimiser) is the run's task
+(`self.task`, `federated/tasks/`); a strategy hands batches to the task and never reads their fields.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from data.augment import schedule_length
 from federated.aggregation import weighted_average
-from models.unet import Unet
+from federated.tasks import task_for
+from federated.tasks.base import Batch, Task
 
 if TYPE_CHECKING:
-    from data.transforms import UnetSample
     from federated.client import Client
     from federated.experiment import Experiment
 
@@ -33,9 +36,17 @@ class Strategy:
     name = "fedavg"
     summary = "FedAvg (FL-MR): every client trains locally, all weights are averaged"
     personalized = False  # True: each client keeps its own model, evaluated on its own data
+    # Augmentation schedules (MRAugment's p(t)) step once per round, as every client follows the
+    # global round; methods that exchange nothing step them once per local epoch, as MRAugment does.
+    schedule_per_epoch = False
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
+
+    @functools.cached_property
+    def task(self) -> Task:
+        """What is learned: the run's task (`--model`), made from the same options."""
+        return task_for(self.opts)
 
     # ---- flags -------------------------------------------------------------------------------
     @classmethod
@@ -44,8 +55,7 @@ class Strategy:
 
     # ---- model and partition of its weights --------------------------------------------------
     def build_model(self, clients: list[Client]) -> nn.Module:
-        o = self.opts
-        return Unet(chans=o.chans, num_pool_layers=o.num_pools, drop_prob=o.drop_prob, norm=o.norm)
+        return self.task.build_model()
 
     def is_shared(self, key: str) -> bool:
         """Whether state_dict entry `key` is aggregated (True) or stays with each client (False)."""
@@ -61,14 +71,17 @@ class Strategy:
         the method needs beyond the clients' own)."""
 
     def init_client(self, client: Client, model: nn.Module) -> None:
-        """Create what this method keeps per client (in `client.extra`) before the first round."""
+        """Create what this method keeps per client (in `client.extra`) before the first round;
+        the base keeps what the task keeps."""
+        self.task.init_client(client, model)
 
     def client_state(self, client: Client) -> dict:
         """What `init_client` created, as tensors and plain values, for the checkpoint."""
-        return {}
+        return self.task.client_state(client)
 
     def load_client_state(self, client: Client, state: dict) -> None:
         """Restore what `client_state` returned."""
+        self.task.load_client_state(client, state)
 
     def client_weights(self, clients: list[Client]) -> list[float]:
         """Aggregation weight of each client: equal (the paper) or its number of training slices."""
@@ -81,21 +94,30 @@ class Strategy:
         local entries where it has them."""
         return {**global_state, **client.local_weights}
 
+    def schedule_time(self, rnd: int, epoch: int) -> tuple[int, int]:
+        """(t, T) of the augmentation schedule for local epoch `epoch` (0-based) of round `rnd`
+        (1-based): t 0-based, T the planned total."""
+        total = schedule_length(self.opts, self.schedule_per_epoch)
+        if self.schedule_per_epoch:
+            return (rnd - 1) * self.opts.local_ep + epoch, total
+        return rnd - 1, total
+
     # ---- the round ---------------------------------------------------------------------------
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:
         """Called once before the clients train in round `rnd` (1-based)."""
 
-    def training_loss(self, client: Client, model: nn.Module, batch: UnetSample,
-                      image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for one local step; `image`, `target` are (B, 1, H, W) on the device.
+    def training_loss(self, client: Client, model: nn.Module,
+                      batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one local step on `batch` (on the device): the task's loss of this method's
+        forward pass.
 
         Returns the loss to minimise and detached values to log (averaged over the client's steps).
         """
-        loss = nn.functional.l1_loss(model(image), target)
-        return loss, {}
+        return self.task.training_loss(client, model, batch, lambda inputs: self.forward(model, inputs, client))
 
     def end_local(self, client: Client, model: nn.Module) -> None:
         """Called after a client's local update succeeded, with the model holding its new weights."""
+        self.task.end_local(client)
 
     def aggregate(self, global_state: State, client_states: list[State], weights: list[float]) -> State:
         """New global weights from the clients' weights; entries that are not shared keep their old value."""
@@ -113,9 +135,9 @@ class Strategy:
             return global_state
         return {**global_state, **client.local_weights}
 
-    def forward(self, model: nn.Module, image: torch.Tensor, client: Client | None) -> torch.Tensor:
-        """Reconstruction (B, 1, H, W) of `image` for `client` (personalised models take the site)."""
-        return model(image)
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], client: Client | None) -> torch.Tensor:
+        """The task's prediction from `inputs` for `client` (personalised models take the site)."""
+        return self.task.forward(model, inputs)
 
     # ---- checkpointing of method state -------------------------------------------------------
     def state_dict(self) -> dict:

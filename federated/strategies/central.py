@@ -10,6 +10,7 @@ from federated.strategies.base import Strategy
 class Central(Strategy):
     name = "central"
     summary = "Central: all training sites pooled into one model (the upper bound, no federation)"
+    schedule_per_epoch = True
 
     def arrange_clients(self, groups: list[list[Any]]) -> list[list[Any]]:
         return [[spec for group in groups for spec in group]]

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from federated.strategies.base import State, Strategy
-from models.unet import Unet
 from utils.errors import UserError
 
 EPS = 1e-8
@@ -46,7 +45,7 @@ class FedMRI(Strategy):
                            help="weight of the contrastive regulariser (active from round 2 on)")
 
     def is_shared(self, key: str) -> bool:
-        return key.startswith(Unet.encoder_prefixes)
+        return self.task.is_encoder(key)
 
     def build_model(self, clients) -> nn.Module:
         model = super().build_model(clients)
@@ -56,8 +55,8 @@ class FedMRI(Strategy):
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list) -> None:
         self.anchor = {k: global_state[k] for k in self.param_keys}
 
-    def training_loss(self, client, model, batch, image, target):
-        recon, logs = super().training_loss(client, model, batch, image, target)
+    def training_loss(self, client, model, batch):
+        recon, logs = super().training_loss(client, model, batch)
         if not self.previous:
             return recon, {**logs, "recon_loss": recon.detach(), "contrastive": torch.zeros((), device=recon.device)}
         params = dict(model.named_parameters())

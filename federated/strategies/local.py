@@ -6,6 +6,7 @@ from federated.strategies.base import Strategy
 class Local(Strategy):
     name = "local"
     summary = "Local: each client trains alone, no weights are exchanged (single-site baseline)"
+    schedule_per_epoch = True
     personalized = True
 
     def is_shared(self, key: str) -> bool:

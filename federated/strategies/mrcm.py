@@ -26,6 +26,7 @@ from federated.domain_gap import pooled_latents
 from federated.experiment import Experiment, site_dataset
 from federated.strategies.base import State, Strategy
 from models.discriminator import LatentDiscriminator, pool_latent
+from utils.errors import UserError
 
 SOURCE, TARGET = 0, 1  # discriminator classes
 
@@ -34,6 +35,12 @@ class MRCM(Strategy):
     name = "mrcm"
     summary = ("FL-MRCM: FedAvg + a local discriminator per source client aligning U-Net latents "
                "with the target site's")
+
+    def __init__(self, opts):
+        super().__init__(opts)
+        if not self.task.has_latent:
+            raise UserError(f"--strategy mrcm aligns a latent of the model; the {self.task.name} task "
+                            "defines none yet: choose another --strategy")
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -54,8 +61,8 @@ class MRCM(Strategy):
         self.target_site = exp.test_site
         site = exp.registry[exp.test_site]
         files = subsample_volumes(site.files(o.sequence, "train"), o.sample_rate, o.seed)
-        # Undersampled like any training input; only `.image` is read, never the target.
-        self.target_images = site_dataset(site, files, o, train=True)
+        # Undersampled like any training input; only the model inputs are read, never the target.
+        self.target_images = site_dataset(self.task, site, files, o, train=True)
         self.bank_generator = torch.Generator().manual_seed(_seed(o.seed, "bank"))
         self.bank: torch.Tensor | None = None
 
@@ -99,30 +106,30 @@ class MRCM(Strategy):
         if self.opts.mrcm_target == "features":
             model.load_state_dict(global_state)
             self.target_images.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=self.bank_generator)))
-            self.bank = pooled_latents(model, self.target_images, self.device, self.opts.mrcm_bank,
+            self.bank = pooled_latents(self.task, model, self.target_images, self.device, self.opts.mrcm_bank,
                                        self.opts.local_bs)
         for client in clients:
             if self.is_source(client) and self.opts.mrcm_target == "images":
                 client.extra["target_batches"] = self._target_batches(client.extra["target_generator"])
 
-    def _target_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Endless (B, 1, H, W) undersampled target images, reshuffled with fresh masks every pass."""
+    def _target_batches(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Endless model inputs of undersampled target images, reshuffled with fresh masks every pass."""
         loader = make_loader(self.target_images, self.opts.local_bs, True, generator,
                              self.opts.num_workers, self.device)
         while True:
             self.target_images.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
             for batch in loader:
-                yield batch.image.unsqueeze(1).to(self.device, non_blocking=True)
+                yield self.task.to_device(batch, self.device).inputs
 
-    def training_loss(self, client, model, batch, image, target):
+    def training_loss(self, client, model, batch):
         if not self.is_source(client):
-            return super().training_loss(client, model, batch, image, target)
-        output, latent = model.forward_with_latent(image)
-        recon = F.l1_loss(output, target)
+            return super().training_loss(client, model, batch)
+        output, latent = self.task.forward_with_latent(model, batch.inputs)
+        recon = self.task.loss(output, batch)
         source = pool_latent(latent)
         if self.opts.mrcm_target == "images":
             # Target images need only the encoder: the decoder never runs on them.
-            target_latent = pool_latent(model.encode(next(client.extra["target_batches"])))
+            target_latent = pool_latent(self.task.encode(model, next(client.extra["target_batches"])))
         else:
             idx = torch.randint(len(self.bank), (len(source),), generator=client.extra["target_generator"])
             target_latent = self.bank[idx.to(self.bank.device)]

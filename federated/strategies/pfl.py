@@ -19,7 +19,6 @@ from torch.nn import functional as F
 
 from federated.client import Client
 from federated.strategies.base import Strategy
-from models.personalized_unet import PersonalizedUnet
 
 SHARED_STAGES = {
     "decoder": "the up path and head (the paper's 'later layers')",
@@ -45,12 +44,11 @@ class PersonalizedFL(Strategy):
     def build_model(self, clients: list[Client]) -> nn.Module:
         self.sites = list(dict.fromkeys(c.site for c in clients))
         o = self.opts
-        model = PersonalizedUnet(code_size=len(self.sites), chans=o.chans, num_pool_layers=o.num_pools,
-                                 drop_prob=o.drop_prob, norm=o.norm)
-        n = o.num_pools
+        model = self.task.build_personalized_model(len(self.sites))
         stages = model.stages()
-        shared_stages = {"decoder": stages[n + 1:], "encoder": stages[:n + 1], "all": stages}[o.pfl_shared]
-        self.shared_prefixes = PersonalizedUnet.mapper_prefixes + tuple(p for s in shared_stages for p in s)
+        n = (len(stages) + 1) // 2  # the down stages and the bottleneck, then the up stages
+        shared_stages = {"decoder": stages[n:], "encoder": stages[:n], "all": stages}[o.pfl_shared]
+        self.shared_prefixes = model.mapper_prefixes + tuple(p for s in shared_stages for p in s)
         return model
 
     def is_shared(self, key: str) -> bool:
@@ -64,10 +62,7 @@ class PersonalizedFL(Strategy):
         index = torch.tensor(self.sites.index(client.site), device=device)
         return F.one_hot(index, len(self.sites)).float()
 
-    def forward(self, model: nn.Module, image: torch.Tensor, client: Client | None) -> torch.Tensor:
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], client: Client | None) -> torch.Tensor:
         if client is None:
             raise ValueError("pfl evaluates each client's model: a client is needed for its site code")
-        return model(image, self.site_code(client, image.device))
-
-    def training_loss(self, client, model, batch, image, target):
-        return F.l1_loss(self.forward(model, image, client), target), {}
+        return self.task.forward(model, (*inputs, self.site_code(client, inputs[0].device)))

@@ -1,0 +1,60 @@
+"""Per-volume synthesis metrics: PSNR and SSIM of a synthesised against the real target volume,
+over the whole image and inside the head.
+
+Both volumes are scaled by the real target's range, (v - min) / (max - min), so the target spans
+[0, 1], and scored with data range 1 (pFLSynth scores [0, 1] images with data range 1, whole image,
+background included; the head-only values leave out the background that every method, the
+identity floor included, gets right for free). SSIM is skimage's 7 x 7 uniform-window SSIM per
+slice (as `utils.metrics.ssim`); inside the head it is the mean of the SSIM map over head pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+# Fraction of the target's range above which a pixel counts as head before holes are filled.
+HEAD_THRESHOLD = 0.1
+
+
+def unit_range(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``volume`` (S, H, W) scaled by ``reference``'s range: reference min -> 0, max -> 1."""
+    lo, hi = float(reference.min()), float(reference.max())
+    return ((volume - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float64)
+
+
+def head_mask(target: np.ndarray, threshold: float = HEAD_THRESHOLD) -> np.ndarray:
+    """Boolean (S, H, W) head mask of a [0, 1]-scaled target volume: per slice, the largest connected
+    region above ``threshold`` with its holes (ventricles, dark CSF, lesions) filled."""
+    mask = np.zeros(target.shape, dtype=bool)
+    for s, image in enumerate(target):
+        labels, count = ndimage.label(image > threshold)
+        if count == 0:
+            continue
+        largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(image), labels, range(1, count + 1))))
+        mask[s] = ndimage.binary_fill_holes(labels == largest)
+    return mask
+
+
+def synthesis_metrics(target: np.ndarray, synthesised: np.ndarray) -> dict[str, float]:
+    """``psnr``, ``ssim`` (whole image) and ``psnr_head``, ``ssim_head`` (inside `head_mask`) of one
+    volume pair (S, H, W) on any common intensity scale."""
+    if target.ndim != 3 or synthesised.shape != target.shape:
+        raise ValueError(f"expected two volumes (S, H, W) of one shape, got {target.shape} and {synthesised.shape}")
+    gt, pred = unit_range(target, target), unit_range(synthesised, target)
+    mask = head_mask(gt)
+    per_slice = [structural_similarity(g, p, data_range=1.0, full=True) for g, p in zip(gt, pred)]
+    ssim_maps = np.stack([ssim_map for _, ssim_map in per_slice])
+    squared_error = (gt - pred) ** 2
+    return {
+        "psnr": _psnr(squared_error),
+        "ssim": float(np.mean([mean for mean, _ in per_slice])),
+        "psnr_head": _psnr(squared_error[mask]) if mask.any() else float("nan"),
+        "ssim_head": float(ssim_maps[mask].mean()) if mask.any() else float("nan"),
+    }
+
+
+def _psnr(squared_error: np.ndarray) -> float:
+    """PSNR in dB at data range 1 (skimage's value) from squared errors; inf when they are all 0."""
+    mse = float(squared_error.mean())
+    return float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
