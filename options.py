@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 from data.augment import add_augment_arguments
 from federated.strategies import STRATEGIES
@@ -141,10 +141,13 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
     return p
 
 
-def parse_options(argv: Sequence[str], prog: str, default_strategy: str,
-                  description: str) -> argparse.Namespace:
-    """Parse `argv` at the scale it asks for (see `resolve_scale`); `opts.scale` and `opts.demo` say which."""
+def parse_options(argv: Sequence[str], prog: str, default_strategy: str, description: str,
+                  extend: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse `argv` at the scale it asks for (see `resolve_scale`); `opts.scale` and `opts.demo` say which.
+    `extend` adds a front end's own flags (the Flower launcher's)."""
     parser = build_parser(prog, default_strategy, description)
+    if extend is not None:
+        extend(parser)
     argv = list(argv)
     opts = parser.parse_args(argv)
     scale = resolve_scale(parser, argv, opts)

@@ -185,6 +185,7 @@ class Run:
     model: torch.nn.Module
     state: "RunState"
     device: torch.device
+    exchange: "InProcess"
     rounds_done: int = 0
 
     def round(self) -> float:
@@ -194,14 +195,14 @@ class Run:
         self.rounds_done += 1
         start = time.perf_counter()
         selected = select_clients(self.exp.clients, self.opts.frac, self.state.server_generator)
-        run_round(self.rounds_done, self.model, self.strategy, self.state, selected, self.opts,
-                  self.device, quiet_log())
+        run_round(self.rounds_done, self.strategy, self.state, selected, self.exchange, self.opts, quiet_log())
         self.strategy.end_round(self.rounds_done, self.model, self.state.global_state, self.exp.clients)
         return time.perf_counter() - start
 
 
 def prepare_run(opts: argparse.Namespace) -> Run:
     """Seed, build the experiment, model and per-client state as `federated.server.train` does."""
+    from federated.exchange import InProcess
     from federated.server import RunState
     from utils.seeding import seed_everything
     seed_everything(opts.seed)
@@ -213,7 +214,8 @@ def prepare_run(opts: argparse.Namespace) -> Run:
         strategy.init_client(c, model)
     state = RunState(global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                      server_generator=torch.Generator().manual_seed(opts.seed))
-    return Run(opts, strategy, exp, model, state, device)
+    exchange = InProcess(exp, model, strategy, {}, opts, device, quiet_log())
+    return Run(opts, strategy, exp, model, state, device, exchange)
 
 
 def client_summary(clients) -> str:

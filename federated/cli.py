@@ -93,21 +93,7 @@ def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> i
     if opts.strategy == "list":
         print(describe())
         return 0
-    if opts.strategy not in STRATEGIES:
-        raise UserError(f"--strategy {opts.strategy}: unknown; choose one of {', '.join(STRATEGIES)} "
-                        "(`--strategy list` describes them)")
-    if opts.resume:
-        opts = resumed_options(opts, argv)
-    if opts.test_dataset is None and opts.phase == "train":
-        opts.test_dataset = DEFAULT_TEST_SITE
-    if opts.resolution is None:
-        opts.resolution = default_resolution(opts)
-    check_options(opts)
-    if opts.save_dir is None:
-        opts.save_dir = default_save_dir(opts)
-    if uses_synthetic(opts):
-        log.info("Using the synthetic sites (no --data_root or --sites given); "
-                 "point it at real data with --data_root DIR or --sites FILE (see README).")
+    opts = resolve_options(opts, argv, log)
     if opts.phase == "test":
         from federated.inference import test
         test(opts, log)
@@ -124,6 +110,27 @@ def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> i
               f"continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
         return 1
     return 0
+
+
+def resolve_options(opts: argparse.Namespace, argv: list[str], log: Console) -> argparse.Namespace:
+    """The options the run records: a resumed run's own, defaults that depend on the data filled
+    in, every value checked. The Flower ServerApp and launcher resolve theirs here too."""
+    if opts.strategy not in STRATEGIES:
+        raise UserError(f"--strategy {opts.strategy}: unknown; choose one of {', '.join(STRATEGIES)} "
+                        "(`--strategy list` describes them)")
+    if opts.resume:
+        opts = resumed_options(opts, argv)
+    if opts.test_dataset is None and opts.phase == "train":
+        opts.test_dataset = DEFAULT_TEST_SITE
+    if opts.resolution is None:
+        opts.resolution = default_resolution(opts)
+    check_options(opts)
+    if opts.save_dir is None:
+        opts.save_dir = default_save_dir(opts)
+    if uses_synthetic(opts):
+        log.info("Using the synthetic sites (no --data_root or --sites given); "
+                 "point it at real data with --data_root DIR or --sites FILE (see README).")
+    return opts
 
 
 def resumed_options(opts: argparse.Namespace, argv: list[str]) -> argparse.Namespace:

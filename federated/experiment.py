@@ -89,6 +89,21 @@ def _client(task: Task, group: list[ClientSpec], index: int, opts: argparse.Name
                   generator=generator)
 
 
+def site_clients(task: Task, opts: argparse.Namespace, registry: dict[str, Site], train_sites: list[str],
+                 site: str) -> list[Client]:
+    """The clients `build_experiment` makes on `site` (same names, volumes and seeds) from that
+    site's data alone, as a Flower SuperNode holding one site builds them. Strategies that regroup
+    clients (`arrange_clients`) do not run on Flower."""
+    num_users = opts.num_users if opts.num_users is not None else len(train_sites)
+    if num_users % len(train_sites):
+        raise UserError(f"--num_users {num_users} does not fit {len(train_sites)} training sites: "
+                        f"use a multiple of {len(train_sites)}")
+    per_site = num_users // len(train_sites)
+    specs = assign_clients([registry[site]], per_site, opts.sequence, opts.sample_rate, opts.seed)
+    first = train_sites.index(site) * per_site
+    return [_client(task, [spec], first + k, opts) for k, spec in enumerate(specs)]
+
+
 class ConcatSliceDataset(torch.utils.data.ConcatDataset):
     """Several sites' slices as one client's data (the pooled baseline)."""
 

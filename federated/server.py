@@ -1,11 +1,10 @@
-"""The federated round loop. One round, top to bottom, is `run_round`; `train` repeats it, evaluates,
-checkpoints and resumes."""
+"""The federated round loop. `run_study` repeats rounds, evaluates, checkpoints and resumes; one
+round, top to bottom, is `run_round`. Clients are reached through an `Exchange`: in this process
+(`train`) or over Flower (`federated/flower/server_app.py`); everything else is the same code."""
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,11 +12,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from federated.client import Client, ClientFailure, local_update
-from federated.domain_gap import mmd2, pooled_latents
-from federated.evaluation import evaluate_parts
+from federated.client import Client
+from federated.domain_gap import mmd2
+from federated.exchange import Exchange, InProcess, LeftOut
 from federated.experiment import Experiment, build_experiment, eval_set
-from federated.precision import autocast_forward
 from federated.run_plan import describe_run, projection
 from federated.strategies.base import State, Strategy
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -26,8 +24,6 @@ from utils.report import final_table
 from utils.runlog import RunDir
 from utils.seeding import capture_rng, restore_rng, seed_everything
 
-
-GAP_SLICES = 64  # validation slices per site for the latent domain gap
 
 
 class RunStopped(Exception):
@@ -62,68 +58,59 @@ def select_clients(clients: list[Client], frac: float, generator: torch.Generato
     return [clients[i] for i in chosen]
 
 
-def run_round(rnd: int, model: nn.Module, strategy: Strategy, state: RunState, selected: list[Client],
-              opts: argparse.Namespace, device: torch.device, log) -> list[dict]:
-    """Local updates on the selected clients, then aggregation. Returns the round's training rows."""
-    strategy.begin_round(rnd, model, state.global_state, selected)
-    results, finished, rows = [], [], []
-    for client in tqdm(selected, desc=f"round {rnd}", leave=False, disable=log.quiet_bars, unit="client"):
-        before = copy.deepcopy(strategy.client_state(client))
-        start = time.perf_counter()
-        try:
-            result = local_update(client, model, strategy, state.global_state, opts, device, rnd=rnd)
-        except Exception as e:  # one site's failure must not end the run
-            strategy.load_client_state(client, before)
-            log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: "
-                     f"{type(e).__name__ + ': ' if not isinstance(e, ClientFailure) else ''}{e}")
+def run_round(rnd: int, strategy: Strategy, state: RunState, selected: list[Client], exchange: Exchange,
+              opts: argparse.Namespace, log) -> list[dict]:
+    """The selected clients' local updates (through `exchange`), then aggregation. Returns the round's
+    training rows."""
+    updates, rows = [], []
+    for outcome in exchange.train(rnd, state.global_state, selected):
+        client = outcome.client
+        if isinstance(outcome, LeftOut):
+            log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: {outcome.reason}")
             continue
-        client.optimizer_state, client.scheduler_state = result.optimizer_state, result.scheduler_state
-        client.local_weights = {k: v for k, v in result.state.items() if not strategy.is_shared(k)}
-        results.append(result)
-        finished.append(client)
+        updates.append(outcome)
         rows.append({"round": rnd, "model": client.name, "site": client.site, "split": "train",
-                     "loss": result.loss, "seconds": time.perf_counter() - start, **result.logs})
-        log.verbose(f"round {rnd}: client {client.name} loss {result.loss:.4f} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in result.logs.items()))
-    if len(finished) < max(opts.min_clients, 1):
-        raise RunStopped(f"round {rnd}: only {len(finished)} of {len(selected)} clients finished, fewer than "
+                     "loss": outcome.loss, "seconds": outcome.seconds, **outcome.logs})
+        log.verbose(f"round {rnd}: client {client.name} loss {outcome.loss:.4f} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in outcome.logs.items()))
+    if len(updates) < max(opts.min_clients, 1):
+        raise RunStopped(f"round {rnd}: only {len(updates)} of {len(selected)} clients finished, fewer than "
                          f"--min_clients {opts.min_clients}; the warnings above say why")
-    weights = strategy.client_weights(finished)
-    state.global_state = strategy.aggregate(state.global_state, [r.state for r in results], weights)
+    weights = strategy.client_weights([u.client for u in updates])
+    state.global_state = strategy.aggregate(state.global_state, [u.state for u in updates], weights)
     return rows
 
 
-def evaluate_round(rnd: int, model: nn.Module, strategy: Strategy, exp: Experiment, state: RunState,
-                   eval_sets: dict, opts: argparse.Namespace, device: torch.device) -> list[dict]:
+def evaluate_round(rnd: int, strategy: Strategy, exp: Experiment, state: RunState, exchange: Exchange,
+                   log) -> list[dict]:
     """The global model (or each client's personalised model) on the validation split of the test
     site and of every training site."""
+    plan = evaluation_plan(strategy, exp)
+    sources = [s for s in exp.train_sites if s != exp.test_site]
+    gap = not strategy.personalized and exp.task.has_latent
+    latent_sites = sources + [exp.test_site] if sources and gap else []
+    result = exchange.evaluate(state.global_state, plan, latent_sites)
     rows = []
-    for label, client, site in evaluation_plan(strategy, exp):
-        start = time.perf_counter()
-        model.load_state_dict(strategy.eval_state(state.global_state, client))
-        model.eval()
-        predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
-        parts = evaluate_parts(exp.task, eval_sets[site], predict, opts.bs, opts.num_workers, device)
-        for part, scores in parts.items():
+    for (label, _, site), scores, seconds in zip(plan, result.scores, result.seconds):
+        if scores is None:
+            log.warn(f"round {rnd}: no validation scores for model {label} on site {site}")
+            continue
+        for part, part_scores in scores.items():
             rows.append({"round": rnd, "model": label, "site": site, "split": "val", **part_column(part),
-                         **scores["model"], "seconds": time.perf_counter() - start})
-    if not strategy.personalized and exp.task.has_latent:
-        rows.append(domain_gap_row(rnd, model, exp, state, eval_sets, device))
+                         **part_scores, "seconds": seconds})
+    if gap:
+        rows.append(domain_gap_row(rnd, exp, sources, result.latents))
     return rows
 
 
-def domain_gap_row(rnd: int, model: nn.Module, exp: Experiment, state: RunState, eval_sets: dict,
-                   device: torch.device) -> dict:
+def domain_gap_row(rnd: int, exp: Experiment, sources: list[str], latents: dict[str, torch.Tensor]) -> dict:
     """MMD^2 between the global model's pooled latents on the source sites and on the target site
     (validation slices): the figure FL-MRCM is meant to shrink, logged for every shared-model method."""
-    model.load_state_dict(state.global_state)
-    sources = [s for s in exp.train_sites if s != exp.test_site]
-    if not sources:
-        return {"round": rnd, "model": "global", "site": exp.test_site, "split": "val", "domain_gap": float("nan")}
-    source = torch.cat([pooled_latents(exp.task, model, eval_sets[s], device, GAP_SLICES) for s in sources])
-    target = pooled_latents(exp.task, model, eval_sets[exp.test_site], device, GAP_SLICES)
-    return {"round": rnd, "model": "global", "site": exp.test_site, "split": "val",
-            "domain_gap": mmd2(source, target)}
+    row = {"round": rnd, "model": "global", "site": exp.test_site, "split": "val"}
+    if not sources or any(s not in latents for s in sources + [exp.test_site]):
+        return {**row, "domain_gap": float("nan")}
+    source = torch.cat([latents[s] for s in sources])
+    return {**row, "domain_gap": mmd2(source, latents[exp.test_site])}
 
 
 def evaluation_plan(strategy: Strategy, exp: Experiment) -> list[tuple[str, Client | None, str]]:
@@ -146,15 +133,13 @@ def test_site_score(rows: list[dict], test_site: str) -> float:
     return sum(vals) / len(vals) if vals else float("-inf")
 
 
-def checkpoint(state: RunState, strategy: Strategy, clients: list[Client], opts: argparse.Namespace) -> dict:
+def checkpoint(state: RunState, strategy: Strategy, exchange: Exchange, opts: argparse.Namespace) -> dict:
     return {
         "format": FORMAT,
         "round": state.round,
         "options": vars(opts),
         "model": state.global_state,
-        "clients": {c.name: {"local_weights": c.local_weights, "optimizer": c.optimizer_state,
-                             "scheduler": c.scheduler_state, "generator": c.generator.get_state(),
-                             "extra": strategy.client_state(c)} for c in clients},
+        "clients": exchange.client_states(),
         "strategy": strategy.state_dict(),
         "rng": capture_rng(),
         "metrics": state.metrics,
@@ -163,29 +148,21 @@ def checkpoint(state: RunState, strategy: Strategy, clients: list[Client], opts:
     }
 
 
-def restore(ckpt: dict, state: RunState, strategy: Strategy, clients: list[Client], path: Path) -> None:
-    names = {c.name for c in clients}
-    if set(ckpt["clients"]) != names:
-        raise UserError(f"{path}: its clients {sorted(ckpt['clients'])} are not this run's {sorted(names)}")
+def restore(ckpt: dict, state: RunState, strategy: Strategy, exchange: Exchange, path: Path) -> None:
+    exchange.load_client_states(ckpt["clients"], path)
     state.round = ckpt["round"]
     state.global_state = ckpt["model"]
     state.metrics = ckpt["metrics"]
     state.best_score, state.best_round = ckpt["best"]["score"], ckpt["best"]["round"]
     state.server_generator.set_state(ckpt["server_generator"])
-    for c in clients:
-        saved = ckpt["clients"][c.name]
-        c.local_weights = saved["local_weights"]
-        c.optimizer_state, c.scheduler_state = saved["optimizer"], saved["scheduler"]
-        c.generator.set_state(saved["generator"])
-        strategy.load_client_state(c, saved["extra"])
     strategy.load_state_dict(ckpt["strategy"])
     restore_rng(ckpt["rng"])
 
 
 def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
+    """The whole run in this process: every client's data and update here."""
     device = resolve_device(opts.device)
-    resume = bool(opts.continues)
-    run = RunDir(Path(opts.save_dir), vars(opts), resume=resume, overwrite=opts.overwrite)
+    run = RunDir(Path(opts.save_dir), vars(opts), resume=bool(opts.continues), overwrite=opts.overwrite)
     seed_everything(opts.seed)
     exp = build_experiment(opts, strategy)
     log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
@@ -201,17 +178,26 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     strategy.prepare(exp, model, device)
     for c in exp.clients:
         strategy.init_client(c, model)
+    exchange = InProcess(exp, model, strategy, eval_sets, opts, device, log)
+    return run_study(run, exp, model, strategy, exchange, opts, log)
+
+
+def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy, exchange: Exchange,
+              opts: argparse.Namespace, log) -> RunState:
+    """Rounds from the first not yet done to --epochs: select, train, aggregate, evaluate, checkpoint.
+
+    `model` holds the initial weights; `exp.clients` are the clients to draw from.
+    """
     log.info(describe_run(opts, model, len(exp.clients)))
     state = RunState(global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                      server_generator=torch.Generator().manual_seed(opts.seed))
-
-    if resume:
-        ckpt = load_checkpoint(run.last, map_location=device)
-        restore(ckpt, state, strategy, exp.clients, run.last)
+    if run.resume:
+        ckpt = load_checkpoint(run.last, map_location=next(model.parameters()).device)
+        restore(ckpt, state, strategy, exchange, run.last)
         log.info(f"continuing {run.path} after round {state.round}")
     if state.round == 0:
         # Before anything is written: a bad validation file ends the run with nothing half-made.
-        state.metrics += baseline_rows(exp, eval_sets, opts, device)
+        state.metrics += baseline_rows(exp, exchange)
     run.create()
     run.write_metrics(state.metrics)
 
@@ -219,10 +205,10 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     for rnd in tqdm(rounds, desc="rounds", disable=log.quiet_bars, unit="round"):
         start = time.perf_counter()
         selected = select_clients(exp.clients, opts.frac, state.server_generator)
-        rows = run_round(rnd, model, strategy, state, selected, opts, device, log)
+        rows = run_round(rnd, strategy, state, selected, exchange, opts, log)
         rows += strategy.end_round(rnd, model, state.global_state, exp.clients)
         if rnd % opts.eval_every == 0 or rnd == opts.epochs:
-            val_rows = evaluate_round(rnd, model, strategy, exp, state, eval_sets, opts, device)
+            val_rows = evaluate_round(rnd, strategy, exp, state, exchange, log)
             rows += val_rows
             score = test_site_score(val_rows, exp.test_site)
             improved = score > state.best_score
@@ -234,7 +220,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
             r.setdefault("seconds", time.perf_counter() - start)
         state.round = rnd
         state.metrics += rows
-        ckpt = checkpoint(state, strategy, exp.clients, opts)
+        ckpt = checkpoint(state, strategy, exchange, opts)
         save_atomic(ckpt, run.last)
         if improved:
             save_atomic(ckpt, run.best)
@@ -246,15 +232,11 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     return state
 
 
-def baseline_rows(exp: Experiment, eval_sets: dict, opts: argparse.Namespace, device: torch.device) -> list[dict]:
+def baseline_rows(exp: Experiment, exchange: Exchange) -> list[dict]:
     """Round 0: the task's model-free baseline (zero-filled for reconstruction) on every site."""
-    rows = []
-    for site in exp.eval_sites:
-        parts = evaluate_parts(exp.task, eval_sets[site], None, opts.bs, opts.num_workers, device)
-        for part, scores in parts.items():
-            rows.append({"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val",
-                         **part_column(part), **scores["baseline"]})
-    return rows
+    scores = exchange.baseline(exp.eval_sites)
+    return [{"round": 0, "model": exp.task.baseline_name, "site": site, "split": "val", **part_column(part),
+             **part_scores} for site in exp.eval_sites for part, part_scores in scores[site].items()]
 
 
 def part_column(part: str) -> dict[str, str]:
