@@ -20,16 +20,22 @@ Target (paper scale): augmented pipeline slices/s >= 10 x training-step slices/s
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
-                          spread, synthetic_root, timed_steps, verdict)
+                          spread, synthetic_root, verdict)
 from data.augment import PAPER_WEIGHTS, AugmentConfig, AugmentedTransform, MRAugment
 from data.subsample import RandomMaskFunc
 from data.transforms import center_crop, fft2c, rss
+from bench.data_pipeline import pipeline_pass, training_steps
 from federated.client import make_loader
 from federated.experiment import site_dataset
 
@@ -53,29 +59,6 @@ def augmented(dataset, config: AugmentConfig | None):
     return dataset
 
 
-def pipeline_pass(dataset, batch_size: int, seed: list[int]):
-    """A closure timing one shuffled pass over `dataset`; a new epoch (masks, draws, order) every call."""
-    def run() -> float:
-        seed[0] += 1
-        dataset.set_epoch(seed[0])
-        loader = make_loader(dataset, batch_size, True, torch.Generator().manual_seed(seed[0]), 0,
-                             torch.device("cpu"))
-        start = time.perf_counter()
-        for _ in loader:
-            pass
-        return time.perf_counter() - start
-    return run
-
-
-def training_steps(model, image, target, steps: int):
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-4)
-
-    def run() -> float:
-        model.train()
-        return timed_steps(model, opt, [(image, target)] * steps)
-    return run
-
-
 def measure_unet(args, scale) -> list[dict]:
     resolution = scale.resolutions[0]
     root = synthetic_root(args, resolution)
@@ -94,7 +77,7 @@ def measure_unet(args, scale) -> list[dict]:
     image, target = sample.image.unsqueeze(1), sample.target.unsqueeze(1)
 
     seed = [0]
-    sides = {key: pipeline_pass(ds, bs, seed) for key, ds in datasets.items()}
+    sides = {key: pipeline_pass(ds, bs, True, seed) for key, ds in datasets.items()}
     sides["train step"] = training_steps(model, image, target, args.steps)
     times = interleaved(sides, args.repeats)
 

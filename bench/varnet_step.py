@@ -15,10 +15,15 @@ interleaved pairs.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, interleaved, load_average, med, setup, spread, verdict
 from data.subsample import RandomMaskFunc

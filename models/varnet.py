@@ -50,7 +50,8 @@ class NormUnet(nn.Module):
     """
 
     def __init__(
-        self, chans: int, num_pools: int, in_chans: int = 2, out_chans: int = 2, drop_prob: float = 0.0
+        self, chans: int, num_pools: int, in_chans: int = 2, out_chans: int = 2, drop_prob: float = 0.0,
+        norm: str = "instance",
     ):
         """
         Args:
@@ -58,10 +59,13 @@ class NormUnet(nn.Module):
             num_pools: U-Net down-sampling levels.
             in_chans, out_chans: real channels of the U-Net (twice the complex channels).
             drop_prob: Dropout2d probability in the U-Net.
+            norm: the U-Net's normalisation (`models.unet.make_norm`); "instance" is fastMRI's and
+                adds no parameters, the others add the ones FedBN keeps local.
         """
         super().__init__()
         self.unet = Unet(
-            in_chans=in_chans, out_chans=out_chans, chans=chans, num_pool_layers=num_pools, drop_prob=drop_prob
+            in_chans=in_chans, out_chans=out_chans, chans=chans, num_pool_layers=num_pools, drop_prob=drop_prob,
+            norm=norm,
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -136,16 +140,18 @@ class SensitivityModel(nn.Module):
         out_chans: int = 2,
         drop_prob: float = 0.0,
         mask_center: bool = True,
+        norm: str = "instance",
     ):
         """
         Args:
             chans, num_pools: the :class:`NormUnet`'s first-level channels and levels.
-            in_chans, out_chans, drop_prob: as :class:`NormUnet`.
+            in_chans, out_chans, drop_prob, norm: as :class:`NormUnet`.
             mask_center: keep only the ACS lines before estimating the maps.
         """
         super().__init__()
         self.mask_center = mask_center
-        self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
+        self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob,
+                                  norm=norm)
 
     def forward(
         self,
@@ -223,6 +229,7 @@ class VarNet(nn.Module):
         chans: int = 18,
         pools: int = 4,
         mask_center: bool = True,
+        norm: str = "instance",
     ):
         """
         Args:
@@ -230,13 +237,15 @@ class VarNet(nn.Module):
             sens_chans, sens_pools: first-level channels and levels of the sensitivity U-Net.
             chans, pools: first-level channels and levels of each cascade's U-Net.
             mask_center: estimate the sensitivities from the ACS lines only.
+            norm: every U-Net's normalisation (:class:`NormUnet`); "instance" keeps fastMRI's keys.
         """
         super().__init__()
         self.num_cascades = num_cascades
         self.sens_chans, self.sens_pools = sens_chans, sens_pools
         self.chans, self.pools = chans, pools
-        self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, mask_center=mask_center)
-        self.cascades = nn.ModuleList([VarNetBlock(NormUnet(chans, pools)) for _ in range(num_cascades)])
+        self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, mask_center=mask_center,
+                                         norm=norm)
+        self.cascades = nn.ModuleList([VarNetBlock(NormUnet(chans, pools, norm=norm)) for _ in range(num_cascades)])
 
     def forward(
         self,
