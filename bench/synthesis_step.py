@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from bench.common import (base_parser, interleaved, load_average, med, prepare_run, quiet_log, setup, spread,
-                          synthetic_root, verdict)
-from federated.client import local_update
-from federated.server import run_round, select_clients
-from options import parse_options
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (base_parser, interleaved, load_average, med, prepare_run, quiet_log, setup,  # noqa: E402
+                          spread, synthetic_root, verdict)
+from federated.client import local_update  # noqa: E402
+from federated.server import run_round, select_clients  # noqa: E402
+from options import parse_options  # noqa: E402
 
 TARGET = 0.95
 SCALES = {"demo": dict(resolution=64, ngf=16), "paper": dict(resolution=256, ngf=64)}

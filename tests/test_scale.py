@@ -78,10 +78,7 @@ def test_the_readme_train_commands_run_at_paper_scale():
         assert scale_values(parse(argv)) == PAPER, argv
 
 
-RECONSTRUCTION_GRIDS = sorted(p for p in (REPO / "experiments" / "grids").glob("*.json") if p.stem != "synthesis")
-
-
-@pytest.mark.parametrize("grid", RECONSTRUCTION_GRIDS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("grid", sorted((REPO / "experiments" / "grids").glob("*.json")), ids=lambda p: p.stem)
 @pytest.mark.parametrize("scale", ["demo", "paper"])
 def test_grid_runs_keep_their_configuration(grid, scale):
     """Every U-Net grid run gets the values its flags and the paper defaults give, as before scales
