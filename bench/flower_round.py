@@ -31,6 +31,9 @@ import threading
 import time
 from pathlib import Path
 
+if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import base_parser, load_average, med, setup, spread, synthetic_root
 
 IMPORT = "import torch, flwr.clientapp, flwr.app; import federated.flower.client_app"

@@ -6,6 +6,12 @@
 - `recon_<group>`: one test slice -- zero-filled input, each method's reconstruction, ground truth --
   with the error maps below (runs of a grid with `"test_phase": true`).
 
+Synthesis grids (`--task synthesis`) instead get, per group:
+- `curves_<group>`: validation PSNR against the round, a panel per site and translation, the
+  identity baseline dashed;
+- `synthesis_<group>_<site>`: per site, a row per translation on one test slice -- the source, each
+  method's synthesis, the real target -- with |image - target| below each.
+
 A group is one combination of the axes other than the rows (methods) and seeds, e.g. `T1_H`.
 """
 from __future__ import annotations
@@ -33,6 +39,11 @@ def make_figures(results: GridResults, out: Path, volume: str | None = None,
     spec = results.grid["table"]
     per_method = {spec.get("rows"), spec.get("seeds")} - {None}
     written = []
+    if runs and runs[0].baseline == "identity":
+        for key, members in groups(results, runs, per_method).items():
+            written += synthesis_curves(results, members, out / f"curves_{_slug(key)}", _title(results, key))
+            written += synthesis_figures(results, members, out / f"synthesis_{_slug(key)}", _title(results, key))
+        return written
     for key, members in groups(results, runs, per_method | accel_axes(runs)).items():
         if len({acceleration(r) for r in members}) > 1:
             written += accel_figure(results, members, out / f"accel_{_slug(key)}", _title(results, key))
@@ -201,6 +212,123 @@ def _recon_panels(images: dict[str, np.ndarray], truth: np.ndarray, maxval: floa
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def synthesis_curves(results: GridResults, runs: list[RunResult], stem: Path, title: str) -> list[Path]:
+    """Validation PSNR against the round, one panel per evaluated site and translation; the
+    identity baseline dashed (mean over seeds)."""
+    panels = list(dict.fromkeys(p for r in runs for p in r.evaluated()))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 2.5 * nrows), squeeze=False)
+    for ax, (site, task) in zip(axes.flat, panels):
+        for name, members in _methods(results, runs).items():
+            curves = [c for c in (r.val_curve(site, task) for r in members) if c]
+            if curves:
+                ax.plot([k for k, _, _ in curves[0]], np.mean([[p for _, p, _ in c] for c in curves], axis=0),
+                        marker=".", ms=3, label=name)
+        identity = [z["psnr"] for z in (r.zero_filled(site, task) for r in runs) if z is not None]
+        if identity:
+            ax.axhline(float(np.mean(identity)), color="k", ls="--", lw=1, label="identity (source)")
+        ax.set_title(f"{site} {task}", fontsize=9)
+        ax.set(xlabel="round", ylabel="val PSNR (dB)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def synthesis_figures(results: GridResults, runs: list[RunResult], stem: Path, title: str) -> list[Path]:
+    """Per site one figure: a row per translation on the middle slice of the first test volume --
+    source, each method's synthesis (its lowest seed; a personalised method's own client model),
+    the real target -- and |image - target| below. Needs the runs' `--phase test` outputs."""
+    written = []
+    methods = {name: min(members, key=lambda r: int(r.options["seed"]))
+               for name, members in _methods(results, runs).items()}
+    for site in dict.fromkeys(site for r in runs for site, _ in r.evaluated()):
+        references = synthesis_references(runs[0], site)
+        if not references:
+            continue
+        rows = []
+        for task, ref in references.items():
+            index = len(ref.slice_nums) // 2
+            images = {"source (identity)": ref.baseline[index]}
+            for name, run in methods.items():
+                found = synthesis_output(run, site, task, ref.fname)
+                if found is not None:
+                    images[name] = found[index]
+            rows.append((f"{task}: {ref.fname} slice {ref.slice_nums[index]}", images, ref.target[index]))
+        written += _save(_synthesis_panels(rows), stem.with_name(f"{stem.name}_{site}"))
+    return written
+
+
+def _synthesis_panels(rows: list[tuple[str, dict[str, np.ndarray], np.ndarray]]):
+    """A pair of rows per translation: images and the target above, |image - target| below; each
+    image scored (PSNR / SSIM, scaled by the target's range) as in the tables."""
+    from utils.synthesis_metrics import synthesis_metrics
+
+    n = len(rows[0][1]) + 1
+    fig, axes = plt.subplots(2 * len(rows), n, figsize=(1.9 * n, 2.15 * 2 * len(rows)), squeeze=False)
+    for r, (caption, images, truth) in enumerate(rows):
+        top, bottom = axes[2 * r], axes[2 * r + 1]
+        low, high = float(truth.min()), float(truth.max())
+        errors = {k: np.abs(v - truth) for k, v in images.items()}
+        emax = max(float(e.max()) for e in errors.values()) or 1.0
+        for i, (name, img) in enumerate(images.items()):
+            score = synthesis_metrics(truth[None], img[None])
+            top[i].imshow(img, cmap="gray", vmin=low, vmax=high)
+            top[i].set_title(f"{name}\n{score['psnr']:.2f} dB / {score['ssim']:.3f}", fontsize=7)
+            bottom[i].imshow(errors[name], cmap="inferno", vmin=0, vmax=emax)
+        top[-1].imshow(truth, cmap="gray", vmin=low, vmax=high)
+        top[-1].set_title("target", fontsize=7)
+        top[0].set_ylabel(caption, fontsize=7)
+        bottom[0].set_ylabel("|image - target|", fontsize=7)
+        bottom[-1].axis("off")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def synthesis_references(run: RunResult, site: str) -> dict:
+    """Per translation of `site`, the first test volume with its source (identity) and target, made
+    from the data as the test phase made it."""
+    import torch
+
+    from federated.evaluation import reconstruct_volumes
+    from federated.experiment import Experiment, eval_set, resolve_registry
+    from federated.tasks import task_for
+
+    opts = argparse.Namespace(**{**run.options, "quiet": True})
+    registry, _ = resolve_registry(opts)
+    task = task_for(opts)
+    exp = Experiment(task, registry, [], [], site, [site], None)
+    found = {}
+    for vol in reconstruct_volumes(task, eval_set(exp, site, "test", opts), None, opts.bs, 0, torch.device("cpu")):
+        found.setdefault(vol.part, vol)
+    return found
+
+
+def synthesis_output(run: RunResult, site: str, task: str, volume: str) -> np.ndarray | None:
+    """The run's `--phase test` synthesis (S, H, W) of `volume` on `site` for `task`: the global
+    model's, or the model of the client trained at `site`; NIfTI or HDF5 as written."""
+    from federated.inference import part_folder
+
+    root = run.path / "test" / "reconstructions"
+    for folder in (root / site, root / f"{site}-on-{site}"):
+        nifti, h5 = folder / part_folder(task) / f"{volume}.nii.gz", folder / part_folder(task) / f"{volume}.h5"
+        if nifti.is_file():
+            import nibabel as nib
+            return np.transpose(np.asarray(nib.load(nifti).dataobj, dtype=np.float32), (2, 0, 1))
+        if h5.is_file():
+            with h5py.File(h5, "r") as f:
+                return np.asarray(f["synthesis"])
+    return None
 
 
 def test_folder(run: RunResult) -> Path | None:

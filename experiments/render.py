@@ -82,7 +82,7 @@ def latex(tables: list[Table], header: str) -> str:
         for row in t.rows:
             cells = [_tex_cell(row.cells.get((c, m)), m) for c in t.columns for m in METRICS]
             out.append(" & ".join([_tex(_label(row, PERSONALISED_MARK))] + cells) + r" \\")
-            if row.label == "Zero-filled":
+            if row is t.rows[0]:  # the baseline
                 out.append(r"\midrule")
         out += [r"\bottomrule", r"\end{tabular}"]
         out += [rf"\par\footnotesize {_tex(n_)}" for n_ in t.notes]

@@ -40,6 +40,19 @@ class RunResult:
         return STRATEGIES[self.strategy].personalized
 
     @property
+    def baseline(self) -> str:
+        """The model name of the task's baseline rows: zero_filled (reconstruction), identity (synthesis)."""
+        import argparse
+        from federated.tasks import TASKS, task_name
+        return TASKS[task_name(argparse.Namespace(**self.options))].baseline_name
+
+    def evaluated(self) -> list[tuple[str, str]]:
+        """(site, task) of every validation score the run has, in order of first appearance; task is
+        "" where a site is scored as one (reconstruction)."""
+        return list(dict.fromkeys((r["site"], r.get("task") or "") for r in self.rows
+                                  if r["split"] == "val" and r.get("psnr")))
+
+    @property
     def last_round(self) -> int:
         return max((int(r["round"]) for r in self.rows), default=0)
 
@@ -47,30 +60,36 @@ class RunResult:
     def finished(self) -> bool:
         return self.last_round >= int(self.options["epochs"])
 
-    def val_rows(self, site: str) -> list[dict[str, str]]:
-        """Validation rows of trained models on `site` (not zero-filled, not the domain-gap row)."""
+    def val_rows(self, site: str, task: str | None = None) -> list[dict[str, str]]:
+        """Validation rows of trained models on `site` (not the baseline, not the domain-gap row);
+        of one `task` (a synthesis translation) when given."""
         return [r for r in self.rows if r["split"] == "val" and r["site"] == site
-                and r["model"] != "zero_filled" and r.get("psnr")]
+                and r["model"] != self.baseline and r.get("psnr")
+                and (task is None or (r.get("task") or "") == task)]
 
-    def final_scores(self, site: str) -> dict[str, float] | None:
-        """SSIM and PSNR on `site` at the last evaluated round. Personalised methods evaluate one
-        model per client there; their mean is returned (`models` says how many)."""
-        rows = self.val_rows(site)
+    def final_scores(self, site: str, task: str | None = None) -> dict[str, float] | None:
+        """SSIM and PSNR on `site` (for one `task` when given) at the last evaluated round.
+        Personalised methods evaluate one model per client there; their mean is returned (`models`
+        says how many)."""
+        rows = self.val_rows(site, task)
         if not rows:
             return None
         last = max(int(r["round"]) for r in rows)
         rows = [r for r in rows if int(r["round"]) == last]
         return {**{m: _mean([float(r[m]) for r in rows]) for m in METRICS}, "models": len(rows), "round": last}
 
-    def zero_filled(self, site: str) -> dict[str, float] | None:
-        """SSIM and PSNR of the zero-filled input on `site` (round 0)."""
-        rows = [r for r in self.rows if r["model"] == "zero_filled" and r["site"] == site and r["split"] == "val"]
+    def zero_filled(self, site: str, task: str | None = None) -> dict[str, float] | None:
+        """SSIM and PSNR of the task's baseline (zero-filled input; synthesis: identity) on `site`,
+        for one `task` when given (round 0)."""
+        rows = [r for r in self.rows if r["model"] == self.baseline and r["site"] == site and r["split"] == "val"
+                and (task is None or (r.get("task") or "") == task)]
         return {m: float(rows[0][m]) for m in METRICS} if rows else None
 
-    def val_curve(self, site: str) -> list[tuple[int, float, float]]:
-        """(round, PSNR, SSIM) on `site` for every evaluated round (mean over personalised models)."""
+    def val_curve(self, site: str, task: str | None = None) -> list[tuple[int, float, float]]:
+        """(round, PSNR, SSIM) on `site` (one `task` when given) for every evaluated round (mean over
+        personalised models)."""
         rounds: dict[int, list[dict]] = {}
-        for r in self.val_rows(site):
+        for r in self.val_rows(site, task):
             rounds.setdefault(int(r["round"]), []).append(r)
         return [(k, _mean([float(r["psnr"]) for r in v]), _mean([float(r["ssim"]) for r in v]))
                 for k, v in sorted(rounds.items())]

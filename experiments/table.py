@@ -3,17 +3,21 @@ axis) x SSIM/PSNR, one table per value of the remaining axes (e.g. per sequence)
 
 A cell is the run's last evaluated round on the run's target site (`--test_dataset`), read from its
 metrics.csv; for a personalised method, the mean over the client models evaluated on that site.
-Runs that differ only in the grid's seed axis are averaged (mean +- sample std). The first row is
-the zero-filled input; the best value of each column is marked.
+With `"columns": "sites"` a run fills a column per site it evaluates, and per task where a site is
+scored per task (pFLSynth's tables: site x translation). Runs that differ only in the grid's seed
+axis are averaged (mean +- sample std). The first row is the task's baseline (the zero-filled input;
+synthesis: the identity, the source image intensity-matched); the best value of each column is marked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from experiments.grid import EVERY_SITE
 from experiments.results import METRICS, GridResults, RunResult, mean_std
 
 DIGITS = {"ssim": 4, "psnr": 2}
 HEADERS = {"ssim": "SSIM", "psnr": "PSNR"}
+BASELINE_LABELS = {"zero_filled": "Zero-filled", "identity": "Identity (source)"}
 PERSONALISED_MARK = "†"
 PERSONALISED_NOTE = (f"{PERSONALISED_MARK} Personalised method (each client keeps its own model): "
                      "the mean over the client models evaluated on that site.")
@@ -76,6 +80,12 @@ class Layout:
             names += [a for a in run.coords if a not in names]
         return cls(results, rows, columns, seeds, [a for a in names if a not in (rows, columns, seeds)])
 
+    def cells_of(self, run: RunResult) -> list[tuple[str, str, str | None]]:
+        """(column key, site, task or None) of every cell the run fills in its row."""
+        if self.columns == EVERY_SITE:
+            return [(f"{site} {task}".strip(), site, task) for site, task in run.evaluated()]
+        return [(self.column(run), run.target, None)]
+
     def row(self, run: RunResult) -> str:
         return run.coords.get(self.rows, run.name) if self.rows else run.name
 
@@ -89,13 +99,15 @@ class Layout:
         return {a: self.results.label(a, v) for a, v in zip(self.group_axes, key) if v}
 
     def ordered(self, axis: str | None, keys: list[str]) -> list[str]:
+        if axis == EVERY_SITE:
+            return list(dict.fromkeys(keys))
         """Distinct `keys` in the axis' value order, then any others in order of appearance."""
         seen = list(dict.fromkeys(keys))
         values = self.results.grid["axes"].get(axis, {})
         return [k for k in values if k in seen] + [k for k in seen if k not in values]
 
     def label(self, axis: str | None, key: str) -> str:
-        return self.results.label(axis, key) if axis else key
+        return self.results.label(axis, key) if axis and axis != EVERY_SITE else key
 
 
 def build_tables(results: GridResults) -> list[Table]:
@@ -107,14 +119,15 @@ def build_tables(results: GridResults) -> list[Table]:
             groups.setdefault(layout.group(run), []).append(run)
     tables = []
     for key, members in groups.items():
-        col_keys = layout.ordered(layout.columns, [layout.column(r) for r in members])
+        col_keys = layout.ordered(layout.columns, [ck for r in members for ck, _, _ in layout.cells_of(r)])
         columns = [(ck, layout.label(layout.columns, ck)) for ck in col_keys]
-        table_rows = [zero_filled_row(members, columns, layout.column)]
+        table_rows = [zero_filled_row(members, columns, layout.cells_of)]
         for rk in layout.ordered(layout.rows, [layout.row(r) for r in members]):
             in_row = [r for r in members if layout.row(r) == rk]
             cells = {}
             for ck, column in columns:
-                scores = [r.final_scores(r.target) for r in in_row if layout.column(r) == ck]
+                scores = [r.final_scores(site, task) for r in in_row for key, site, task in layout.cells_of(r)
+                          if key == ck]
                 for m in METRICS:
                     vals = [s[m] for s in scores if s is not None]
                     if vals:
@@ -127,20 +140,21 @@ def build_tables(results: GridResults) -> list[Table]:
     return tables
 
 
-def zero_filled_row(runs: list[RunResult], columns: list[tuple[str, str]], col_of) -> Row:
-    """Zero-filled input on each column's target site. `columns` holds (column key, column label);
-    the runs of one seed share the zero-filled values, so there is one value per seed."""
+def zero_filled_row(runs: list[RunResult], columns: list[tuple[str, str]], cells_of) -> Row:
+    """The baseline (zero-filled input; synthesis: identity) in each column. `columns` holds (column
+    key, column label); the runs of one seed share the baseline's values, so there is one value per seed."""
     cells = {}
     for ck, column in columns:
         for m in METRICS:
             per_seed: dict[int, float] = {}
             for r in runs:
-                zf = r.zero_filled(r.target) if col_of(r) == ck else None
-                if zf is not None:
-                    per_seed.setdefault(int(r.options["seed"]), zf[m])
+                for key, site, task in cells_of(r):
+                    zf = r.zero_filled(site, task) if key == ck else None
+                    if zf is not None:
+                        per_seed.setdefault(int(r.options["seed"]), zf[m])
             if per_seed:
                 cells[(column, m)] = Cell(*mean_std(list(per_seed.values())), len(per_seed))
-    return Row("Zero-filled", cells)
+    return Row(BASELINE_LABELS.get(runs[0].baseline, runs[0].baseline), cells)
 
 
 def mark_best(rows: list[Row], columns: list[str]) -> None:

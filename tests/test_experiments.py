@@ -145,3 +145,34 @@ def test_malformed_grid_is_one_line_and_exit_2(tmp_path, capsys, text, problem):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(grid) in err and problem in err, err
     assert not (tmp_path / "out").exists()
+
+
+SYNTHESIS_GRID = {
+    "description": "tiny synthesis grid for the tests",
+    "flags": {"task": "synthesis", "train_dataset": "I,F", "test_dataset": "I", "epochs": 1, "local_ep": 1,
+              "local_bs": 2, "ngf": 4, "ndf": 4, "n_blocks": 2, "mapping_layers": 2, "resolution": 32,
+              "pflsynth_shared_blocks": 1, "site_tasks": ["I=T1->T2,T2->PD"], "quiet": True},
+    "test_phase": True,
+    "axes": {"method": {"values": {"pflsynth": {"label": "pFLSynth", "flags": {"strategy": "pflsynth"}},
+                                   "fedavg": {"label": "FedAvg", "flags": {"strategy": "fedavg"}}}}},
+    "table": {"rows": "method", "columns": "sites"},
+}
+
+
+@pytest.mark.slow  # two training runs and their test phases: about a minute on 2 quiet cores
+def test_synthesis_tables_have_a_column_per_site_and_task_and_a_figure_per_site(tiny_root, tmp_path):
+    grid, out = tmp_path / "synthesis.json", tmp_path / "out"
+    grid.write_text(json.dumps(SYNTHESIS_GRID))
+    assert subprocess.run(runner(grid, out, tiny_root), cwd=ROOT, capture_output=True).returncode == 0
+    assert experiments_main(["table", str(out), "--out", str(tmp_path / "t")]) == 0
+    rows = {r["row"]: r for r in read_csv(tmp_path / "t" / "table.csv")}
+    assert list(rows) == ["Identity (source)", "pFLSynth", "FedAvg"]
+    metrics = [r for r in read_csv(out / "pflsynth" / "metrics.csv") if r["split"] == "val"]
+    for site, task in [("I", "T1->T2"), ("I", "T2->PD"), ("F", "T1->T2")]:
+        identity = next(r for r in metrics if (r["model"], r["site"], r["task"]) == ("identity", site, task))
+        model = next(r for r in metrics if r["model"] != "identity" and (r["site"], r["task"]) == (site, task))
+        assert float(rows["Identity (source)"][f"{site} {task}_psnr"]) == float(identity["psnr"])
+        assert float(rows["pFLSynth"][f"{site} {task}_ssim"]) == float(model["ssim"])
+    assert experiments_main(["figures", str(out), "--out", str(tmp_path / "f")]) == 0
+    assert {p.name for p in (tmp_path / "f").glob("*.png")} == {"curves_all.png", "synthesis_all_I.png",
+                                                                "synthesis_all_F.png"}

@@ -92,6 +92,18 @@ def test_grid_runs_keep_their_configuration(grid, scale):
         assert scale_values(opts) == scale_values(plain.parse_args(argv)), (run.name, argv)
 
 
+@pytest.mark.parametrize("scale, expected", [
+    ("demo", dict(epochs=10, local_ep=1, local_bs=1, ngf=16, niter=5, niter_decay=5, resolution=64)),
+    ("paper", dict(epochs=150, local_ep=1, local_bs=1, ngf=64, niter=75, niter_decay=75, lr=2e-4)),
+])
+def test_synthesis_runs_get_pflsynths_loop_unless_the_command_says_otherwise(scale, expected):
+    for run in load_grid(REPO / "experiments" / "grids" / "synthesis.json", scale, []).runs:
+        opts = parse(list(run.argv))
+        assert {k: getattr(opts, k) for k in expected} == expected, run.name
+    given = parse(["--task", "synthesis", "--scale", scale, "--local_bs", "4", "--epochs", "3"])
+    assert (given.local_bs, given.epochs, given.local_ep) == (4, 3, 1)
+
+
 def test_a_run_says_what_it_runs_and_projects_its_time(tiny_root, tmp_path, capsys):
     argv = [a for a in TINY_RUN if a != "--quiet"] + ["--data_root", str(tiny_root), "--epochs", "3",
                                                       "--save_dir", str(tmp_path / "run")]

@@ -35,7 +35,8 @@ class VarNetReconstruction(Task):
     paper_defaults = {"num_cascades": 12, "chans": 18, "pools": 4, "sens_chans": 8, "sens_pools": 4,
                       "lr": 3e-4, "optimizer": "adam", "challenge": "multicoil", "train_dataset": "FH",
                       "local_bs": 1}
-    demo_defaults = {"num_cascades": 4, "chans": 8, "sens_chans": 4, "sens_pools": 3, "pools": 3, "local_bs": 4}
+    demo_defaults = {"num_cascades": 4, "chans": 8, "sens_chans": 4, "sens_pools": 3, "pools": 3, "local_bs": 4,
+                     "resolution": 64, "local_ep": 1, "lr": 1e-3}
 
     def __init__(self, opts):
         super().__init__(opts)
