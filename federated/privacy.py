@@ -23,6 +23,7 @@ q = selected / total would understate epsilon.)
 """
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import torch
@@ -30,6 +31,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
 from federated.aggregation import weighted_average
+from utils.errors import UserError
 
 State = dict[str, torch.Tensor]
 
@@ -134,3 +136,77 @@ class ClientLevelAccountant:
     def load_state_dict(self, state: dict) -> None:
         self.rounds = state["rounds"]
         self.sampling = tuple(state["sampling"]) if state["sampling"] is not None else None
+
+
+def add_privacy_arguments(group) -> None:
+    group.add_argument("--dp_clip", type=float, default=None,
+                       help="client-level DP (DP-FedAvg): L2 clip of each client's update of the shared "
+                            "weights; with --dp_noise. Aggregation is then uniform")
+    group.add_argument("--dp_noise", type=float, default=None,
+                       help="noise multiplier: Gaussian noise of std dp_noise * dp_clip added to the sum of "
+                            "the clipped updates")
+    group.add_argument("--dp_delta", type=float, default=1e-5, help="delta at which epsilon is reported")
+    group.add_argument("--dp_max_epsilon", type=float, default=None,
+                       help="stop the run before a round would take epsilon above this")
+
+
+def check_privacy_options(opts) -> None:
+    """One-line errors for the DP flags (before anything is written)."""
+    if (opts.dp_clip is None) != (opts.dp_noise is None):
+        raise UserError("--dp_clip and --dp_noise go together: give both (or neither)")
+    if opts.dp_clip is None:
+        if opts.dp_max_epsilon is not None:
+            raise UserError("--dp_max_epsilon needs client-level DP: add --dp_clip and --dp_noise")
+        return
+    if opts.dp_clip <= 0:
+        raise UserError(f"--dp_clip {opts.dp_clip}: must be positive")
+    if opts.dp_noise < 0:
+        raise UserError(f"--dp_noise {opts.dp_noise}: must be 0 or more")
+    if not 0 < opts.dp_delta < 1:
+        raise UserError(f"--dp_delta {opts.dp_delta}: must be in (0, 1)")
+    if opts.dp_max_epsilon is not None and opts.dp_max_epsilon <= 0:
+        raise UserError(f"--dp_max_epsilon {opts.dp_max_epsilon}: must be positive")
+    if opts.weighting == "samples":
+        raise UserError("--weighting samples: DP-FedAvg's accounting needs uniform weights; drop --weighting "
+                        "samples or the --dp_ flags")
+
+
+class ClientLevelDP:
+    """DP-FedAvg for one run: the noise generator (seeded from --seed, saved in checkpoints), the
+    accountant and the budget."""
+
+    def __init__(self, opts):
+        self.clip, self.noise, self.max_epsilon = opts.dp_clip, opts.dp_noise, opts.dp_max_epsilon
+        self.generator = torch.Generator().manual_seed(zlib.crc32(f"{opts.seed}:dp_fedavg".encode()))
+        self.accountant = ClientLevelAccountant(opts.dp_noise, opts.dp_delta)
+
+    @classmethod
+    def from_options(cls, opts) -> "ClientLevelDP | None":
+        return cls(opts) if opts.dp_clip is not None else None
+
+    def aggregate(self, global_state: State, client_states: Sequence[State], keys: Sequence[str]) -> State:
+        return dp_fedavg(global_state, client_states, keys, self.clip, self.noise, self.generator)
+
+    def stop_reason(self, sample_size: int, population: int) -> str | None:
+        """Why the next round must not run (None: it may)."""
+        if self.max_epsilon is None or not self.accountant.would_exceed(self.max_epsilon, sample_size, population):
+            return None
+        return (f"one more round would take epsilon above --dp_max_epsilon {self.max_epsilon:g} "
+                f"(delta {self.accountant.delta:g}); spent so far: {self.accountant.epsilon():.4g}")
+
+    def spend(self, rnd: int, sample_size: int, population: int) -> dict:
+        """Accounts round `rnd`; its metrics row."""
+        eps = self.accountant.spend(sample_size, population)
+        return {"round": rnd, "model": "global", "site": "all", "split": "privacy",
+                "epsilon": eps, "delta": self.accountant.delta}
+
+    def summary(self) -> str:
+        return (f"client-level DP: epsilon {self.accountant.epsilon():.4g} at delta {self.accountant.delta:g} "
+                f"after {self.accountant.rounds} rounds (--dp_clip {self.clip:g}, --dp_noise {self.noise:g})")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.accountant.load_state_dict(state["accountant"])

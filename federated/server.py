@@ -159,6 +159,7 @@ def checkpoint(state: RunState, strategy: Strategy, clients: list[Client], opts:
         "metrics": state.metrics,
         "best": {"score": state.best_score, "round": state.best_round},
         "server_generator": state.server_generator.get_state(),
+        "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
     }
 
 
@@ -178,6 +179,8 @@ def restore(ckpt: dict, state: RunState, strategy: Strategy, clients: list[Clien
         c.generator.set_state(saved["generator"])
         strategy.load_client_state(c, saved["extra"])
     strategy.load_state_dict(ckpt["strategy"])
+    if strategy.privacy is not None:
+        strategy.privacy.load_state_dict(ckpt["privacy"])
     restore_rng(ckpt["rng"])
 
 
@@ -216,7 +219,11 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
     for rnd in tqdm(rounds, desc="rounds", disable=log.quiet_bars, unit="round"):
         start = time.perf_counter()
         selected = select_clients(exp.clients, opts.frac, state.server_generator)
+        if strategy.privacy is not None and (why := strategy.privacy.stop_reason(len(selected), len(exp.clients))):
+            raise RunStopped(f"round {rnd}: {why}")
         rows = run_round(rnd, model, strategy, state, selected, opts, device, log)
+        if strategy.privacy is not None:
+            rows.append(strategy.privacy.spend(rnd, len(selected), len(exp.clients)))
         rows += strategy.end_round(rnd, model, state.global_state, exp.clients)
         if rnd % opts.eval_every == 0 or rnd == opts.epochs:
             val_rows = evaluate_round(rnd, model, strategy, exp, state, eval_sets, opts, device)
@@ -239,7 +246,8 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         if rnd == rounds.start and rnd < opts.epochs:
             log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,
                                 opts.eval_every))
-    log.table(final_table(state.metrics, exp.eval_sites, strategy.name))
+    log.table(final_table(state.metrics, exp.eval_sites, strategy.name)
+              + (f"\n{strategy.privacy.summary()}" if strategy.privacy is not None else ""))
     return state
 
 

@@ -94,3 +94,54 @@ def test_budget_check_and_resume_of_the_accountant():
     restored.load_state_dict(acc.state_dict())
     assert restored.spend(4, 4) == acc.spend(4, 4)
     assert ClientLevelAccountant(0.0, 1e-5).spend(4, 4) == math.inf
+
+
+# ---- through the runner ------------------------------------------------------------------------
+import csv
+
+from tests.conftest import TINY_RUN, run_cli
+
+DP = ["--dp_clip", "0.05", "--dp_noise", "1.0", "--train_dataset", "BF", "--test_dataset", "H"]
+
+
+def read_rows(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_logs_epsilon_and_resumes_bit_for_bit(tiny_root, tmp_path):
+    base = TINY_RUN + ["--data_root", str(tiny_root)] + DP
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(base + ["--epochs", "3", "--save_dir", str(full)]) == 0
+    assert run_cli(base + ["--epochs", "2", "--save_dir", str(part)]) == 0
+    assert run_cli(["--resume", str(part), "--epochs", "3"]) == 0
+    eps = [float(r["epsilon"]) for r in read_rows(full) if r["split"] == "privacy"]
+    ref = ClientLevelAccountant(1.0, 1e-5)
+    assert eps == pytest.approx([ref.spend(2, 2) for _ in range(3)], rel=1e-5)  # metrics.csv keeps 6 digits
+    a = torch.load(full / "last.pt", weights_only=True)["model"]
+    b = torch.load(part / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_epsilon_stops_before_the_round(tiny_root, tmp_path):
+    first = ClientLevelAccountant(1.0, 1e-5).spend(2, 2)
+    run = tmp_path / "run"
+    args = TINY_RUN + ["--data_root", str(tiny_root), "--epochs", "3", "--save_dir", str(run),
+                       "--dp_max_epsilon", str(first * 1.01)] + DP
+    assert run_cli(args) == 1
+    assert torch.load(run / "last.pt", weights_only=True)["round"] == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dp_clip", "1", "--dp_noise", "-1"], "--dp_noise -1.0: must be 0 or more"),
+    (["--dp_clip", "0", "--dp_noise", "1"], "--dp_clip 0.0: must be positive"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--dp_delta", "1"], "--dp_delta 1.0: must be in (0, 1)"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--weighting", "samples"], "--weighting samples"),
+    (["--dp_clip", "1"], "--dp_clip and --dp_noise go together"),
+])
+def test_bad_dp_flags_one_line_exit_2(tiny_root, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert run_cli(TINY_RUN + ["--data_root", str(tiny_root), "--save_dir", str(run)] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not run.exists()
