@@ -37,11 +37,10 @@ State = dict[str, torch.Tensor]
 
 
 def update_norm(client_state: State, global_state: State, keys: Sequence[str]) -> float:
-    """L2 norm of client - global over all `keys` together (accumulated in float64)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for k in keys:
-        total += (client_state[k].double() - global_state[k].double()).square().sum().cpu()
-    return float(total.sqrt())
+    """L2 norm of client - global over all `keys` together (per-entry norms in their dtype, their
+    squares summed in float64)."""
+    norms = torch.stack([torch.linalg.vector_norm(client_state[k] - global_state[k]) for k in keys])
+    return float(norms.double().square().sum().sqrt())
 
 
 def clip_state(client_state: State, global_state: State, keys: Sequence[str], clip: float) -> State:
