@@ -39,6 +39,8 @@ def check_options(opts: argparse.Namespace) -> None:
     TASKS[task_name(opts)](opts).check_options()
     from data.augment import check_augment_options
     check_augment_options(opts, STRATEGIES[opts.strategy].schedule_per_epoch)
+    from federated.privacy import check_privacy_options
+    check_privacy_options(opts)
     if opts.num_workers < 0:
         raise UserError(f"--num_workers {opts.num_workers}: must be 0 or more")
     # Mask flags are checked where masks are made; make one now so a bad value fails before any work.

@@ -145,6 +145,7 @@ def checkpoint(state: RunState, strategy: Strategy, exchange: Exchange, opts: ar
         "metrics": state.metrics,
         "best": {"score": state.best_score, "round": state.best_round},
         "server_generator": state.server_generator.get_state(),
+        "privacy": strategy.privacy.state_dict() if strategy.privacy is not None else None,
     }
 
 
@@ -156,6 +157,8 @@ def restore(ckpt: dict, state: RunState, strategy: Strategy, exchange: Exchange,
     state.best_score, state.best_round = ckpt["best"]["score"], ckpt["best"]["round"]
     state.server_generator.set_state(ckpt["server_generator"])
     strategy.load_state_dict(ckpt["strategy"])
+    if strategy.privacy is not None:
+        strategy.privacy.load_state_dict(ckpt["privacy"])
     restore_rng(ckpt["rng"])
 
 
@@ -205,7 +208,11 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
     for rnd in tqdm(rounds, desc="rounds", disable=log.quiet_bars, unit="round"):
         start = time.perf_counter()
         selected = select_clients(exp.clients, opts.frac, state.server_generator)
+        if strategy.privacy is not None and (why := strategy.privacy.stop_reason(len(selected), len(exp.clients))):
+            raise RunStopped(f"round {rnd}: {why}")
         rows = run_round(rnd, strategy, state, selected, exchange, opts, log)
+        if strategy.privacy is not None:
+            rows.append(strategy.privacy.spend(rnd, len(selected), len(exp.clients)))
         rows += strategy.end_round(rnd, model, state.global_state, exp.clients)
         if rnd % opts.eval_every == 0 or rnd == opts.epochs:
             val_rows = evaluate_round(rnd, strategy, exp, state, exchange, log)
@@ -228,7 +235,8 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
         if rnd == rounds.start and rnd < opts.epochs:
             log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,
                                 opts.eval_every))
-    log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name))
+    log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name)
+              + (f"\n{strategy.privacy.summary()}" if strategy.privacy is not None else ""))
     return state
 
 

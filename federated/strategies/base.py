@@ -22,6 +22,7 @@ from torch import nn
 
 from data.augment import schedule_length
 from federated.aggregation import weighted_average
+from federated.privacy import ClientLevelDP
 from federated.tasks import task_for
 from federated.tasks.base import Batch, Task
 
@@ -42,6 +43,8 @@ class Strategy:
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
+        # Client-level DP (--dp_clip/--dp_noise): replaces the weighted mean in `aggregate`.
+        self.privacy = ClientLevelDP.from_options(opts)
 
     @functools.cached_property
     def task(self) -> Task:
@@ -122,6 +125,8 @@ class Strategy:
     def aggregate(self, global_state: State, client_states: list[State], weights: list[float]) -> State:
         """New global weights from the clients' weights; entries that are not shared keep their old value."""
         shared = [k for k in global_state if self.is_shared(k)]
+        if self.privacy is not None:
+            return {**global_state, **self.privacy.aggregate(global_state, client_states, shared)}
         return {**global_state, **weighted_average(client_states, weights, shared)}
 
     def end_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> list[dict]:
