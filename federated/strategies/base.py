@@ -43,8 +43,12 @@ class Strategy:
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
-        # Client-level DP (--dp_clip/--dp_noise): replaces the weighted mean in `aggregate`.
-        self.privacy = ClientLevelDP.from_options(opts)
+
+    @functools.cached_property
+    def privacy(self) -> ClientLevelDP | None:
+        """Client-level DP (--dp_clip/--dp_noise), which replaces the weighted mean in `aggregate`;
+        None without it."""
+        return ClientLevelDP.from_options(self.opts)
 
     @functools.cached_property
     def task(self) -> Task:
