@@ -290,16 +290,22 @@ def load_pretrained(model: Unet, path: str | Path) -> None:
         flags = " ".join(f"{FLAGS[name]} {found[name]}" for name in diffs if name in FLAGS)
         advice = f"; run with {flags}" if flags else ""
         raise CheckpointError(f"{path}: weights are for a U-Net with {theirs}, this model has {mine}{advice}")
+    raise key_mismatch(path, state, expected, mismatched, "U-Net")
+
+
+def key_mismatch(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                 mismatched: list[str], model: str) -> CheckpointError:
+    """The error for a state_dict whose shapes (`mismatched` keys) or key set differ from `expected`."""
     if mismatched:
         key = mismatched[0]
-        raise CheckpointError(
+        return CheckpointError(
             f"{path}: {key} has shape {tuple(state[key].shape)} in the file, "
             f"{tuple(expected[key].shape)} in the model ({len(mismatched)} shapes differ)"
         )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     example = missing[:1] + unexpected[:1]
-    raise CheckpointError(
-        f"{path}: not weights of this U-Net: {len(missing)} keys missing, {len(unexpected)} unexpected "
+    return CheckpointError(
+        f"{path}: not weights of this {model}: {len(missing)} keys missing, {len(unexpected)} unexpected "
         f"(e.g. {', '.join(example)})"
     )

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data.transforms import fft2c, ifft2c, rss
-from models.unet import Unet, _architecture, _read_checkpoint
+from models.unet import Unet, _architecture, _read_checkpoint, key_mismatch
 from utils.errors import CheckpointError
 
 # The command-line flag (options.py) that sets each VarNet constructor argument.
@@ -321,16 +321,4 @@ def load_pretrained_varnet(model: VarNet, path: str | Path) -> None:
             )
     if found is None and _architecture(state) is not None:
         raise CheckpointError(f"{path}: holds U-Net weights, not VarNet weights; load them with --model unet")
-    if mismatched:
-        key = mismatched[0]
-        raise CheckpointError(
-            f"{path}: {key} has shape {tuple(state[key].shape)} in the file, "
-            f"{tuple(expected[key].shape)} in the model ({len(mismatched)} shapes differ)"
-        )
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    example = missing[:1] + unexpected[:1]
-    raise CheckpointError(
-        f"{path}: not weights of this VarNet: {len(missing)} keys missing, {len(unexpected)} unexpected "
-        f"(e.g. {', '.join(example)})"
-    )
+    raise key_mismatch(path, state, expected, mismatched, "VarNet")
