@@ -3,11 +3,13 @@ user errors into one line on stderr with exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from federated import distributed
 from federated.strategies import STRATEGIES, describe
 from federated.tasks import TASKS, task_name
 from options import REAL_DATA_RESOLUTION, SYNTHETIC_RESOLUTION, parse_options
@@ -81,12 +83,22 @@ def resume_command(prog: str, save_dir: str) -> str:
 def main(argv: Sequence[str] | None, prog: str, default_strategy: str, description: str) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_options(argv, prog, default_strategy, description)
-    log = Console(quiet=opts.quiet, verbose=opts.verbose)
+    try:
+        group = distributed.setup(opts.device)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    # Under torchrun only rank 0 prints; the others compute the same run in silence.
+    log = Console(quiet=opts.quiet, verbose=opts.verbose, silent=not group.writer)
     try:
         return run(opts, argv, prog, log)
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if group.writer:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> int:
@@ -95,8 +107,16 @@ def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> i
     if opts.strategy == "list":
         print(describe())
         return 0
-    opts = resolve_options(opts, argv, log)
+    group = distributed.current()
+    error = None
+    try:
+        opts = resolve_options(opts, argv, log)
+    except UserError as e:
+        error = e
+    group.agree(error)
     if opts.phase == "test":
+        if not group.writer:
+            return 0  # the test phase runs in one process (rank 0)
         from federated.inference import test
         test(opts, log)
         return 0
@@ -104,12 +124,14 @@ def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> i
     try:
         train(opts, strategy, log)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last complete round is saved in {opts.save_dir}/last.pt. "
-              f"Continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
+        if group.writer:
+            print(f"\ninterrupted; the last complete round is saved in {opts.save_dir}/last.pt. "
+                  f"Continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
         return 130
     except RunStopped as e:
-        print(f"{prog}: stopped: {e}. The last complete round is in {opts.save_dir}/last.pt; "
-              f"continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
+        if group.writer:
+            print(f"{prog}: stopped: {e}. The last complete round is in {opts.save_dir}/last.pt; "
+                  f"continue with: {resume_command(prog, opts.save_dir)}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from federated import distributed
 from federated.precision import autocast
 
 if TYPE_CHECKING:
@@ -57,6 +58,21 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: tor
                       persistent_workers=False)
 
 
+def _failures_deferred(batches: Iterator[tuple[Any, float]], defer: bool) -> Iterator[tuple[Any, float]]:
+    """The batches; with `defer`, an exception while loading one is yielded in its place (and ends
+    the epoch), so that under torchrun the failure reaches the step's collective on every rank."""
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            if not defer:
+                raise
+            yield e, 0.0
+            return
+
+
 def local_update(client: Client, model: nn.Module, strategy: Strategy, global_state: State,
                  opts, device: torch.device, *, rnd: int) -> LocalResult:
     """Train `model` on the client's data for `opts.local_ep` epochs, starting from the strategy's
@@ -74,31 +90,51 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
         optimizer.load_state_dict(copy.deepcopy(client.optimizer_state))
         scheduler.load_state_dict(client.scheduler_state)
 
-    loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
+    group = distributed.current()
+    params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
     for epoch in range(opts.local_ep):
         # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
-        # number of workers.
+        # number of workers or processes.
         client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
         client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
-        for samples in loader:
-            batch = task.to_device(samples, device)
-            with autocast(opts, device):
-                loss, logs = strategy.training_loss(client, model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        batches = distributed.training_batches(client.dataset, opts.local_bs, client.generator,
+                                               opts.num_workers, device)
+        for samples, share in _failures_deferred(batches, group.active):
+            group.share = share
+            failure = samples if isinstance(samples, Exception) else None
+            try:
+                if failure is None:
+                    batch = task.to_device(samples, device)
+                    with autocast(opts, device):
+                        loss, logs = strategy.training_loss(client, model, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+            except Exception as e:
+                if not group.active:
+                    raise
+                failure = e
+            # Under torchrun: this rank's gradient times its share of the batch, summed over ranks.
+            group.average_gradients(params, share, failure)
+            if failure is not None:
+                raise failure
             optimizer.step()
             # Kept on the device: no host sync per step.
-            loss_sum += loss.detach()
+            loss_sum += loss.detach() * share
             for k, v in logs.items():
-                log_sums[k] = log_sums.get(k, 0) + v
+                log_sums[k] = log_sums.get(k, 0) + v * share
             steps += 1
     scheduler.step()
 
     if steps == 0:
         raise ClientFailure("no training batches")
+    if group.active:
+        keys = sorted(log_sums)
+        total = group.sum(torch.stack([loss_sum.float()] + [torch.as_tensor(log_sums[k], device=device).float()
+                                                            for k in keys]))
+        loss_sum, log_sums = total[0], dict(zip(keys, total[1:]))
     mean_loss = loss_sum.item() / steps
     if not math.isfinite(mean_loss):
         raise ClientFailure(f"the training loss is {mean_loss}")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from federated import distributed
 from federated.client import make_loader
 from federated.tasks.base import Task
 from utils.metrics import summarize
@@ -84,13 +85,31 @@ def evaluate_parts(task: Task, dataset: Dataset, predict: Predict | None, batch_
     synthesis' translations), in order of appearance: part -> {"baseline": ..., "model": ...}; one
     part "" for a task that scores a site as one, or with `merged`. A part's "loss" is the mean
     over all the dataset's slices (batches may hold slices of two parts)."""
+    group = distributed.current()
+    shard, ordinals = distributed.shard_volumes(group, dataset)
     losses = [0.0, 0]
+    records, error = [], None  # (volume ordinal, part, baseline metrics, model metrics or None)
+    try:
+        for k, vol in enumerate(reconstruct_volumes(task, shard, predict, batch_size, num_workers, device, losses)):
+            records.append((ordinals[k] if group.active else k, vol.part,
+                            task.volume_metrics(vol.target, vol.baseline),
+                            task.volume_metrics(vol.target, vol.reconstruction) if predict is not None else None))
+    except Exception as e:
+        if not group.active:
+            raise
+        error = e
+    if group.active:
+        # Every rank's volumes, in the one-process order, so every rank summarises the same lists.
+        gathered = group.gather((records, losses, distributed.describe(error)))
+        group.raise_failures([g[2] for g in gathered], error)
+        records = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
+        losses = [sum(g[1][0] for g in gathered), sum(g[1][1] for g in gathered)]
     rows: dict[str, tuple[list, list]] = {"": ([], [])} if merged else {}
-    for vol in reconstruct_volumes(task, dataset, predict, batch_size, num_workers, device, losses):
-        baseline, model = rows.setdefault("" if merged else vol.part, ([], []))
-        baseline.append(task.volume_metrics(vol.target, vol.baseline))
-        if predict is not None:
-            model.append(task.volume_metrics(vol.target, vol.reconstruction))
+    for _, part, baseline_metrics, model_metrics in records:
+        baseline, model = rows.setdefault("" if merged else part, ([], []))
+        baseline.append(baseline_metrics)
+        if model_metrics is not None:
+            model.append(model_metrics)
     results = {}
     for part, (baseline, model) in rows.items():
         results[part] = {"baseline": summarize(baseline)}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from federated import distributed
 from federated.client import Client
 from federated.domain_gap import mmd2
 from federated.exchange import Exchange, InProcess, LeftOut
@@ -163,24 +164,36 @@ def restore(ckpt: dict, state: RunState, strategy: Strategy, exchange: Exchange,
 
 
 def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
-    """The whole run in this process: every client's data and update here."""
-    device = resolve_device(opts.device)
-    run = RunDir(Path(opts.save_dir), vars(opts), resume=bool(opts.continues), overwrite=opts.overwrite)
-    seed_everything(opts.seed)
-    exp = build_experiment(opts, strategy)
-    log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
-             + f"; target site {exp.test_site}; device {device}")
-    eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}
-    for note in exp.task.notes():
-        log.info(note)
+    """The whole run in this process: every client's data and update here (under torchrun, every
+    process runs it and shares each step's work: `federated/distributed.py`)."""
+    group = distributed.current()
+    error = None
+    try:
+        device = distributed.device_for(group, resolve_device(opts.device))
+        run = RunDir(Path(opts.save_dir), vars(opts), resume=bool(opts.continues), overwrite=opts.overwrite,
+                     writer=group.writer)
+        seed_everything(opts.seed)
+        exp = build_experiment(opts, strategy)
+        log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
+                 + f"; target site {exp.test_site}; device {device}"
+                 + (f"; {group.world} processes" if group.active else ""))
+        eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}
+        distributed.check_fits(group, opts, exp.clients, eval_sets)
+        for note in exp.task.notes():
+            log.info(note)
 
-    model = strategy.build_model(exp.clients)
-    if opts.pretrained:
-        exp.task.load_pretrained(model, Path(opts.pretrained))
-    model.to(device)
-    strategy.prepare(exp, model, device)
-    for c in exp.clients:
-        strategy.init_client(c, model)
+        model = strategy.build_model(exp.clients)
+        if opts.pretrained:
+            exp.task.load_pretrained(model, Path(opts.pretrained))
+        model.to(device)
+        strategy.prepare(exp, model, device)
+        for c in exp.clients:
+            strategy.init_client(c, model)
+    except Exception as e:
+        error = e
+    # Under torchrun: a setup error on any process ends every process here, before the first step.
+    group.agree(error)
+    group.broadcast_state(model)
     exchange = InProcess(exp, model, strategy, eval_sets, opts, device, log)
     return run_study(run, exp, model, strategy, exchange, opts, log)
 
@@ -227,10 +240,11 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
             r.setdefault("seconds", time.perf_counter() - start)
         state.round = rnd
         state.metrics += rows
-        ckpt = checkpoint(state, strategy, exchange, opts)
-        save_atomic(ckpt, run.last)
-        if improved:
-            save_atomic(ckpt, run.best)
+        if run.writer:
+            ckpt = checkpoint(state, strategy, exchange, opts)
+            save_atomic(ckpt, run.last)
+            if improved:
+                save_atomic(ckpt, run.best)
         run.write_metrics(state.metrics)
         if rnd == rounds.start and rnd < opts.epochs:
             log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,

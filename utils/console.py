@@ -7,11 +7,13 @@ from tqdm import tqdm
 
 
 class Console:
-    def __init__(self, quiet: bool = False, verbose: bool = False):
-        self.quiet = quiet
-        self.show_verbose = verbose
+    def __init__(self, quiet: bool = False, verbose: bool = False, silent: bool = False):
+        """`silent`: print nothing at all, not even warnings (torchrun ranks other than 0)."""
+        self.quiet = quiet or silent
+        self.silent = silent
+        self.show_verbose = verbose and not silent
         # Bars only for a person watching: not with --quiet, not into a file or a pipe.
-        self.quiet_bars = quiet or not sys.stderr.isatty()
+        self.quiet_bars = self.quiet or not sys.stderr.isatty()
 
     def info(self, msg: str) -> None:
         if not self.quiet:
@@ -22,7 +24,9 @@ class Console:
             tqdm.write(msg, file=sys.stdout)
 
     def warn(self, msg: str) -> None:
-        tqdm.write(f"warning: {msg}", file=sys.stderr)
+        if not self.silent:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     def table(self, text: str) -> None:
-        tqdm.write(text, file=sys.stdout)
+        if not self.silent:
+            tqdm.write(text, file=sys.stdout)

@@ -35,8 +35,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path, options: dict, resume: bool, overwrite: bool):
+    def __init__(self, path: Path, options: dict, resume: bool, overwrite: bool, writer: bool = True):
+        """`writer` False (a torchrun rank other than 0): the same checks, and nothing is written."""
         self.path = Path(path)
+        self.writer = writer
         self.options = options
         self.resume = resume
         self.options_file = self.path / "options.json"
@@ -71,6 +73,8 @@ class RunDir:
 
     def create(self) -> None:
         """Make the folder and write options.json (not when resuming: the run keeps its own)."""
+        if not self.writer:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not self.resume:
@@ -82,7 +86,8 @@ class RunDir:
                             "choose a folder you can write to") from None
 
     def write_metrics(self, rows: list[dict]) -> None:
-        write_metrics_csv(self.metrics_file, rows)
+        if self.writer:
+            write_metrics_csv(self.metrics_file, rows)
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:

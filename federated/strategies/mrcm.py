@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data.mri_data import subsample_volumes
+from federated import distributed
 from federated.client import Client, make_loader
 from federated.domain_gap import pooled_latents
 from federated.experiment import Experiment, site_dataset
@@ -129,7 +130,9 @@ class MRCM(Strategy):
         source = pool_latent(latent)
         if self.opts.mrcm_target == "images":
             # Target images need only the encoder: the decoder never runs on them.
-            target_latent = pool_latent(self.task.encode(model, next(client.extra["target_batches"])))
+            # Under torchrun each process encodes its share of the target batch, as of the source batch.
+            target = distributed.current().my_share(next(client.extra["target_batches"]))
+            target_latent = pool_latent(self.task.encode(model, target))
         else:
             idx = torch.randint(len(self.bank), (len(source),), generator=client.extra["target_generator"])
             target_latent = self.bank[idx.to(self.bank.device)]
@@ -142,6 +145,10 @@ class MRCM(Strategy):
         disc_loss = F.cross_entropy(logits, labels)
         disc_opt.zero_grad(set_to_none=True)
         disc_loss.backward()
+        # Under torchrun every process holds the same discriminator: its gradients are summed over
+        # the processes' shares of the batch like the U-Net's.
+        group = distributed.current()
+        group.average_gradients(list(disc.parameters()), group.share)
         disc_opt.step()
 
         # The U-Net's turn: both sites' latents should be classified as the other site. The
