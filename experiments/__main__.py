@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1,
                      help="math threads per run (OMP_NUM_THREADS); on a CPU, --threads 1 with --jobs = "
                           "cores is fastest and robust to other load; 0 leaves the default")
+    run.add_argument("--nproc_per_node", type=int, default=1,
+                     help="train each run data-parallel with torchrun over this many processes (GPUs on CUDA); "
+                          "the test phase runs in one")
     run.add_argument("--list", action="store_true", help="print each run's command and exit")
     run.add_argument("--quiet", action="store_true", help="no progress bar; only failures and the summary")
 
@@ -77,20 +80,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(opts: argparse.Namespace, argv: list[str]) -> int:
     from experiments.grid import REPO_ROOT, load_grid
-    from experiments.runner import run_grid
+    from experiments.runner import run_grid, trainer_command
 
     if opts.jobs < 1:
         raise UserError(f"--jobs {opts.jobs}: must be at least 1")
     if opts.threads < 0:
         raise UserError(f"--threads {opts.threads}: must be 0 or more")
+    if opts.nproc_per_node < 1:
+        raise UserError(f"--nproc_per_node {opts.nproc_per_node}: must be at least 1")
     grid = load_grid(opts.grid, opts.scale, opts.extra)
     out = opts.out or Path("runs") / (opts.grid.stem + (f"-{opts.scale}" if opts.scale else ""))
     if opts.list:
         for r in grid.runs:
-            command = [sys.executable, str(REPO_ROOT / r.entry), *r.argv, "--save_dir", str(out / r.name)]
+            command = [*trainer_command(opts.nproc_per_node), str(REPO_ROOT / r.entry), *r.argv,
+                       "--save_dir", str(out / r.name)]
             print(f"{r.name}: {shlex.join(command)}")
         return 0
-    return run_grid(grid, out, opts.jobs, opts.threads, opts.quiet)
+    return run_grid(grid, out, opts.jobs, opts.threads, opts.quiet, opts.nproc_per_node)
 
 
 def _provenance(argv: list[str], results) -> str:

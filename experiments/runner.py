@@ -46,8 +46,11 @@ class Outcome:
 class Processes:
     """The subprocesses alive now, so that an interrupt reaches every one of them and no new one starts."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], trainer: list[str] | None = None):
+        """`trainer`: the command prefix that trains a run (this Python, or torchrun with N
+        processes); a test phase always runs in one process."""
         self.env = env
+        self.trainer = trainer or [sys.executable]
         self.stopping = False
         self._lock = threading.Lock()
         self._alive: set[subprocess.Popen] = set()
@@ -117,7 +120,7 @@ def execute(run: RunSpec, folder: Path, procs: Processes) -> Outcome:
             resumed = (folder / "last.pt").is_file()
             # --overwrite: a run killed before its first round left an options.json of its own.
             again = ["--continues"] if resumed else ["--overwrite"]
-            code = procs.call([python, entry, *run.argv, *save_dir, *again], log)
+            code = procs.call([*procs.trainer, entry, *run.argv, *save_dir, *again], log)
             if code != 0:
                 return failure(run, folder, code, procs, start)
             record["trained"] = True
@@ -157,9 +160,17 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_grid(grid: Grid, out: Path, jobs: int = 1, threads: int = 1, quiet: bool = False) -> int:
-    """Run every run of `grid` not finished yet under `out`. Returns the exit code: 0, 1 (a run
-    failed) or 130 (interrupted)."""
+def trainer_command(nproc: int) -> list[str]:
+    """How a run trains: this Python, or torchrun with `nproc` processes (a free port per run, so
+    runs side by side do not collide)."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def run_grid(grid: Grid, out: Path, jobs: int = 1, threads: int = 1, quiet: bool = False, nproc: int = 1) -> int:
+    """Run every run of `grid` not finished yet under `out`, each trained by `nproc` processes.
+    Returns the exit code: 0, 1 (a run failed) or 130 (interrupted)."""
     out = out.absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,7 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1, threads: int = 1, quiet: bool
     bar = tqdm(total=len(grid.runs), initial=len(outcomes), desc="grid", unit="run",
                disable=True if quiet else None)
     with bar:
-        interrupted = run_all(todo, out, jobs, Processes(child_env(threads)), outcomes,
+        interrupted = run_all(todo, out, jobs, Processes(child_env(threads), trainer_command(nproc)), outcomes,
                               lambda outcome: (report(outcome, say), bar.update()))
     print(summary(grid, outcomes), file=sys.stdout, flush=True)
     if interrupted:

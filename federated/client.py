@@ -100,8 +100,12 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
         # number of workers or processes.
         client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
         client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
-        batches = distributed.training_batches(client.dataset, opts.local_bs, client.generator,
-                                               opts.num_workers, device)
+        if group.active:
+            batches = distributed.sharded_batches(group, client.dataset, opts.local_bs, client.generator,
+                                                  opts.num_workers, device)
+        else:
+            loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
+            batches = ((samples, 1.0) for samples in loader)
         for samples, share in _failures_deferred(batches, group.active):
             group.share = share
             failure = samples if isinstance(samples, Exception) else None

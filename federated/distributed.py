@@ -227,26 +227,16 @@ class ShardedBatches(Sampler[list[int]]):
             yield batch[self.rank * len(batch) // self.world:(self.rank + 1) * len(batch) // self.world]
 
 
-def training_batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int,
-                     device: torch.device) -> Iterator[tuple[Any, float]]:
-    """(samples, share of the global batch) for one epoch of a client's training data: outside
-    torchrun the one-process DataLoader with share 1; under torchrun this rank's shares."""
-    group = current()
-    pin = device.type == "cuda"
-    if not group.active:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                            num_workers=num_workers, pin_memory=pin, persistent_workers=False)
-        for samples in loader:
-            yield samples, 1.0
-        return
+def sharded_batches(group: Group, dataset: Dataset, batch_size: int, generator: torch.Generator,
+                    num_workers: int, device: torch.device) -> Iterator[tuple[Any, float]]:
+    """(this rank's samples, its share of the global batch) for one epoch of a client's training
+    data under torchrun."""
     sampler = ShardedBatches(len(dataset), batch_size, generator, group.rank, group.world)
     # The loader draws its workers' base seed from `generator` before the sampler's permutation,
     # as the one-process loader does: both consume the client's generator identically.
-    loader = DataLoader(dataset, batch_sampler=sampler, generator=generator,
-                        num_workers=num_workers, pin_memory=pin, persistent_workers=False)
-    shares = iter(_shares(len(dataset), batch_size, group))
-    for samples in loader:
-        yield samples, next(shares)
+    loader = DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    return zip(loader, _shares(len(dataset), batch_size, group))
 
 
 def _shares(num_slices: int, batch_size: int, group: Group) -> list[float]:

@@ -116,6 +116,7 @@ def test_two_processes_end_with_the_one_process_weights_and_metrics(root, tmp_pa
         ["best.pt", "last.pt", "metrics.csv", "options.json"]
 
 
+@pytest.mark.slow
 def test_central_varnet_two_processes_equal_one(multicoil_root, tmp_path):
     args = VARNET + ["--data_root", str(multicoil_root), "--epochs", "1"]
     assert run_cli(args + ["--save_dir", str(tmp_path / "one")]) == 0
@@ -125,6 +126,7 @@ def test_central_varnet_two_processes_equal_one(multicoil_root, tmp_path):
     assert_same_metrics(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, extra", [("fedbn", ["--norm", "instance_affine"]), ("mrcm", [])])
 def test_fedbn_and_mrcm_under_two_processes(root, tmp_path, strategy, extra):
     """Each process holds the same local norms / discriminator; one round matches one process."""
@@ -151,6 +153,7 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_run_and_one_process_resumes_it(root, tmp_path):
     args = UNET + ["--data_root", str(root), "--epochs", "4"]
     assert run_cli(args + ["--save_dir", str(tmp_path / "straight")]) == 0
@@ -191,8 +194,9 @@ def test_a_client_failing_on_one_process_is_left_out_on_all(root, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--local_bs", "3"], "--local_bs 3: the global batch is split over 2 processes"),
-    (["--val_sample_rate", "0.5"], "validation split has 1 volume(s), fewer than the 2 processes"),
-    (["--norm", "batch"], "--norm batch: batch statistics"),
+    pytest.param(["--val_sample_rate", "0.5"], "validation split has 1 volume(s), fewer than the 2 processes",
+                 marks=pytest.mark.slow),
+    pytest.param(["--norm", "batch"], "--norm batch: batch statistics", marks=pytest.mark.slow),
 ])
 def test_a_world_that_cannot_split_the_work_is_one_line_and_writes_nothing(root, tmp_path, extra, message):
     run = tmp_path / "r"
@@ -202,3 +206,41 @@ def test_a_world_that_cannot_split_the_work_is_one_line_and_writes_nothing(root,
     assert len(ours) == 1 and message in ours[0], err
     assert "exitcode  : 2" in err
     assert not run.exists()
+
+
+@pytest.mark.slow
+def test_a_grid_trains_each_run_under_torchrun(root, tmp_path):
+    """`python -m experiments run --nproc_per_node 2`: each run trains over 2 processes and ends
+    where the one-process command ends; its test phase runs in one process."""
+    import json
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({
+        "description": "one FedAvg run", "test_phase": True,
+        "flags": {"chans": 4, "num_pools": 2, "local_ep": 1, "local_bs": 4, "train_dataset": "FH",
+                  "test_dataset": "H", "epochs": 1, "quiet": True},
+        "axes": {"seed": {"flag": "seed", "values": [0]}},
+    }))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "experiments", "run", str(grid), "--out", str(out), "--quiet",
+                           "--nproc_per_node", "2", "--", "--data_root", str(root)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in (run / "log.txt").read_text()
+    assert (run / "test").is_dir()
+    assert run_cli(UNET + ["--data_root", str(root), "--epochs", "1", "--seed", "0",
+                           "--save_dir", str(tmp_path / "one")]) == 0
+    assert max_weight_difference(tmp_path / "one", run) <= 1e-5
+
+
+def test_more_processes_than_gpus_is_one_line_before_joining(monkeypatch, capsys, root, tmp_path):
+    """What rank 0 of `torchrun --nproc_per_node 2 ... --device cuda` says on a node with fewer GPUs."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert run_cli(UNET + ["--data_root", str(root), "--device", "cuda", "--save_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["main_fl_mr.py: error: --device cuda: 2 processes on this node but 1 GPU(s); start torchrun "
+                   "with --nproc_per_node 1 or use --device cpu"]
+    assert not (tmp_path / "r").exists()
