@@ -77,7 +77,23 @@ def test_global_model_on_a_site_only_the_new_sites_file_names(fedavg_run, sites_
     assert [(r["model"], r["psnr"], r["ssim"]) for r in rows] == [(r["model"], r["psnr"], r["ssim"]) for r in theirs]
 
 
-def test_personalised_method_is_tested_per_client(tiny_root, sites_file, tmp_path):
+def flower_checkpoint(path: Path, dest: Path) -> Path:
+    """`path` as a Flower run writes it: the clients' state is on the nodes, only a study id here."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["clients"] = {"flower_study": "study-0"}
+    torch.save(ckpt, dest)
+    return dest
+
+
+def test_a_flower_run_of_a_shared_model_method_is_tested_as_its_global_model(fedavg_run, sites_file, tmp_path):
+    args = ["--phase", "test", "--sites", str(sites_file), "--test_dataset", "R", "--quiet"]
+    assert run_cli(args + ["--checkpoint", str(fedavg_run / "best.pt"), "--save_dir", str(tmp_path / "a")]) == 0
+    flower = flower_checkpoint(fedavg_run / "best.pt", tmp_path / "flower.pt")
+    assert run_cli(args + ["--checkpoint", str(flower), "--save_dir", str(tmp_path / "b")]) == 0
+    assert read_rows(tmp_path / "a" / "test" / "metrics.csv") == read_rows(tmp_path / "b" / "test" / "metrics.csv")
+
+
+def test_personalised_method_is_tested_per_client(capsys, tiny_root, sites_file, tmp_path):
     run = tmp_path / "run"
     assert run_cli(TINY_RUN + ["--data_root", str(tiny_root), "--save_dir", str(run), "--strategy", "pfl",
                                "--train_dataset", "FH", "--num_users", "4"]) == 0
@@ -97,6 +113,13 @@ def test_personalised_method_is_tested_per_client(tiny_root, sites_file, tmp_pat
     torch.save(ckpt, tmp_path / "old.pt")
     assert run_cli(test_args + ["--checkpoint", str(tmp_path / "old.pt"), "--save_dir", str(tmp_path / "old")]) == 0
     assert read_rows(tmp_path / "old" / "test" / "metrics.csv") == rows
+
+    # Its clients' weights are on the Flower nodes when a Flower run wrote it: refused in one line.
+    flower = flower_checkpoint(run / "last.pt", tmp_path / "flower.pt")
+    assert run_cli(test_args + ["--checkpoint", str(flower), "--save_dir", str(tmp_path / "flower")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "clients' own weights are on the Flower nodes" in err, err
+    assert not (tmp_path / "flower").exists()
 
 
 def test_fastmri_unet_weights_without_a_run(sites_file, tmp_path):
