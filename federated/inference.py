@@ -138,6 +138,10 @@ def from_checkpoint(opts: argparse.Namespace, log) -> Tested:
     """The run's model and method from its checkpoint; each client's saved weights for a
     personalised method. Reads no data."""
     ckpt = load_checkpoint(Path(opts.checkpoint))
+    missing = [k for k in ("options", "model", "clients") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{opts.checkpoint}: incomplete checkpoint (no {', '.join(missing)}); pass a "
+                              "last.pt or best.pt from a run folder")
     saved = ckpt["options"]
     opts = argparse.Namespace(**{**vars(opts), **{k: saved[k] for k in MODEL_OPTIONS if k in saved}})
     defining = TASKS[task_name(opts)].model_options

@@ -160,6 +160,13 @@ def _corrupt_checkpoint(run, tmp_path):
     return ["--checkpoint", str(tmp_path / "cut.pt"), "--test_dataset", "R"]
 
 
+def _incomplete_checkpoint(run, tmp_path):
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    del ckpt["options"]
+    torch.save(ckpt, tmp_path / "part.pt")
+    return ["--checkpoint", str(tmp_path / "part.pt"), "--test_dataset", "R"]
+
+
 def _missing_weights(run, tmp_path):
     return ["--pretrained", str(tmp_path / "absent.pt"), "--test_dataset", "R"]
 
@@ -182,6 +189,7 @@ def _weights_without_site(run, tmp_path):
     (_no_model, ["--checkpoint FILE", "--pretrained FILE"]),
     (_missing_checkpoint, ["absent.pt: no such checkpoint file", "pass a last.pt or best.pt"]),
     (_corrupt_checkpoint, ["cut.pt: not a PyTorch checkpoint"]),
+    (_incomplete_checkpoint, ["part.pt: incomplete checkpoint (no options)"]),
     (_missing_weights, ["absent.pt: cannot read checkpoint", "--pretrained"]),
     (_unknown_site, ["--test_dataset Z: unknown site 'Z'", "known: R"]),
     (_run_target_not_given, ["target site H is not among the sites given", "--test_dataset"]),
