@@ -50,9 +50,11 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                      help="bf16: forward passes in bfloat16 autocast (weights and checkpoints stay float32). "
                           "Meant for CUDA GPUs from Ampere on and CPUs with bf16 instructions "
                           "(AVX512-BF16, AMX)")
-    run.add_argument("--checkpoint", default=None, help="checkpoint to evaluate with --phase test")
+    run.add_argument("--checkpoint", default=None, help="run checkpoint to evaluate with --phase test (its model, method and clients; "
+                          "only the --test_dataset site's data is read)")
     run.add_argument("--pretrained", default=None,
-                     help="start from these U-Net weights (a fastMRI U-Net state_dict or Lightning checkpoint)")
+                     help="fastMRI U-Net (or --model varnet: VarNet) weights, a state_dict or Lightning checkpoint: "
+                          "training starts from them; --phase test evaluates them on --test_dataset")
     run.add_argument("--continues", action="store_true",
                      help="continue the run in --save_dir from its last complete round")
     run.add_argument("--resume", metavar="DIR", default=None,
@@ -80,7 +82,7 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                       help="cache folder of the synthetic sites (default: $FEDRECON_SYNTHETIC_DIR or "
                            "~/.cache/fedrecon/synthetic)")
     data.add_argument("--train_dataset", "--train_datasets", dest="train_dataset", default="BFHI",
-                      help="training sites: letters (BFHI) or comma-separated names")
+                      help="training sites: letters (BFHI) or comma-separated names (--phase test: the checkpoint's)")
     data.add_argument("--test_dataset", default=None,
                       help="target site evaluated every round (default: H; with --phase test: the run's own)")
     data.add_argument("--sequence", default="T1", help="sequence subfolder of every site (T1, T2, ...)")

@@ -66,7 +66,13 @@ def default_resolution(opts: argparse.Namespace) -> int:
 
 def default_save_dir(opts: argparse.Namespace) -> str:
     """runs/<strategy>-<train>-to-<test>-<sequence>, numbered -2, -3, ... when that already holds a
-    run: a folder the user did not choose is never refused (--continues takes the unnumbered one)."""
+    run: a folder the user did not choose is never refused (--continues takes the unnumbered one).
+    --phase test: the checkpoint's run folder; for --pretrained weights runs/<weights>-on-<test>."""
+    if opts.phase == "test":
+        if opts.checkpoint is not None:
+            return str(Path(opts.checkpoint).parent)
+        if opts.pretrained is not None:
+            return str(Path("runs") / f"{Path(opts.pretrained).stem}-on-{opts.test_dataset}")
     train = opts.train_dataset.replace(",", "")
     base = Path("runs") / f"{opts.strategy}-{train}-to-{opts.test_dataset}-{opts.sequence}"
     candidate, n = base, 1

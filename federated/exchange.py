@@ -97,8 +97,9 @@ def failure_reason(e: Exception) -> str:
 
 
 def client_checkpoint(client: Client, strategy: Strategy) -> dict:
-    """Everything a client keeps between rounds, as tensors and plain values."""
-    return {"local_weights": client.local_weights, "optimizer": client.optimizer_state,
+    """Everything a client keeps between rounds, as tensors and plain values, and its site (what
+    --phase test needs to evaluate its model without the training data)."""
+    return {"site": client.site, "local_weights": client.local_weights, "optimizer": client.optimizer_state,
             "scheduler": client.scheduler_state, "generator": client.generator.get_state(),
             "extra": strategy.client_state(client)}
 

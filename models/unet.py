@@ -217,7 +217,7 @@ def _read_checkpoint(path: Path, prefix: str = "unet.") -> dict[str, torch.Tenso
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({err.strerror})") from err
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err.strerror}); check --pretrained") from err
     except Exception as err:  # torch.load fails on non-checkpoints with many exception types
         message = str(err)
         if message.startswith("Weights only load failed"):
@@ -261,6 +261,15 @@ def _architecture(state: dict[str, torch.Tensor]) -> dict[str, object] | None:
         "num_pool_layers": len(levels),
         "norm": norm,
     }
+
+
+def pretrained_architecture(path: str | Path) -> dict[str, object] | None:
+    """`_architecture` of the U-Net weights in ``path``; None when the file is unreadable or holds
+    no U-Net (`load_pretrained` then says why)."""
+    try:
+        return _architecture(_read_checkpoint(Path(path)))
+    except CheckpointError:
+        return None
 
 
 def load_pretrained(model: Unet, path: str | Path) -> None:

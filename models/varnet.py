@@ -287,6 +287,15 @@ def _varnet_architecture(state: dict[str, torch.Tensor]) -> dict[str, int] | Non
     return found
 
 
+def pretrained_varnet_architecture(path: str | Path) -> dict[str, int] | None:
+    """`_varnet_architecture` of the weights in ``path``; None when the file is unreadable or holds
+    no VarNet (`load_pretrained_varnet` then says why)."""
+    try:
+        return _varnet_architecture(_read_checkpoint(Path(path), prefix="varnet."))
+    except CheckpointError:
+        return None
+
+
 def load_pretrained_varnet(model: VarNet, path: str | Path) -> None:
     """Load fastMRI-format VarNet weights from ``path`` into ``model`` (strictly: all keys, all shapes).
 

@@ -97,10 +97,14 @@ def test_unseen_target_features_mode_runs(tiny_root, tmp_path):
     assert {r["model"] for r in rows if r["split"] == "train"} == {"F", "H", "I"}
 
 
-def test_test_phase_loads_discriminators(tiny_root, tmp_path):
+def test_test_phase_evaluates_the_global_model_on_the_target_only(tiny_root, tmp_path):
+    """The discriminators and the target's training images are for training: --phase test neither
+    builds them nor reads any site but the one tested."""
     run = tmp_path / "run"
     assert run_cli(TINY_RUN + UNSEEN + ["--data_root", str(tiny_root), "--save_dir", str(run)],
                    "main_fl_mrcm.py", "mrcm") == 0
     assert run_cli(["--phase", "test", "--checkpoint", str(run / "last.pt"), "--data_root", str(tiny_root),
                     "--save_dir", str(run), "--quiet"], "main_fl_mrcm.py", "mrcm") == 0
-    assert sorted(p.name for p in (run / "test" / "reconstructions").iterdir()) == ["B", "F", "H", "I"]
+    assert sorted(p.name for p in (run / "test" / "reconstructions").iterdir()) == ["B"]
+    tested = (run / "test" / "metrics.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[1:3] for line in tested] == [["zero_filled", "B"], ["global", "B"]]

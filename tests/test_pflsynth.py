@@ -451,20 +451,27 @@ def test_variable_task_sites_are_scored_and_written_per_task(tiny_root, tmp_path
                         ("0", "identity", "F", "T2->T1"), ("1", "I", "I", "T1->T2"), ("1", "I", "I", "T2->PD"),
                         ("1", "F", "F", "T2->T1")}
 
-    assert run_cli(["--phase", "test", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data_root",
-                    str(tiny_root), "--save_dir", str(tmp_path / "run"), "--quiet"]) == 0
+    # --phase test evaluates every client's model on the test site, in each of the site's translations.
+    test_args = ["--phase", "test", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data_root", str(tiny_root),
+                 "--quiet"]
+    assert run_cli([*test_args, "--save_dir", str(tmp_path / "run")]) == 0
     out = tmp_path / "run" / "test"
     with open(out / "metrics.csv", newline="") as f:
         tested = {(r["model"], r["site"], r["task"]) for r in csv.DictReader(f)}
-    assert tested == {(m, s, t) for m, s, t in [("identity", "I", "T1->T2"), ("I", "I", "T1->T2"),
-                                                ("identity", "I", "T2->PD"), ("I", "I", "T2->PD"),
-                                                ("identity", "F", "T2->T1"), ("F", "F", "T2->T1")]}
+    assert tested == {(m, "I", t) for m in ("identity", "I", "F") for t in ("T1->T2", "T2->PD")}
     recons = out / "reconstructions"
     niftis = sorted(recons.glob("I-on-I/T2-to-PD/*.nii.gz"))  # I is an image (NIfTI) site
     reference = nib.load(sorted((tiny_root / "I" / "PD" / "test").glob("*.nii.gz"))[0])
     assert niftis and nib.load(niftis[0]).shape[2] == reference.shape[2]
-    assert sorted(recons.glob("F-on-F/T2-to-T1/*.h5"))  # F holds fastMRI HDF5
-    assert (out / "figures" / "I-on-I.png").is_file() and (out / "figures" / "F-on-F.png").is_file()
+    assert sorted(recons.glob("F-on-I/T1-to-T2/*.nii.gz"))
+    assert (out / "figures" / "I-on-I.png").is_file() and (out / "figures" / "F-on-I.png").is_file()
+
+    # On F, its own translation (--site_tasks is recorded in the checkpoint), written as HDF5.
+    assert run_cli([*test_args, "--test_dataset", "F", "--save_dir", str(tmp_path / "on-F")]) == 0
+    with open(tmp_path / "on-F" / "test" / "metrics.csv", newline="") as f:
+        tested = {(r["model"], r["site"], r["task"]) for r in csv.DictReader(f)}
+    assert tested == {(m, "F", "T2->T1") for m in ("identity", "I", "F")}
+    assert sorted((tmp_path / "on-F" / "test" / "reconstructions").glob("F-on-F/T2-to-T1/*.h5"))
 
 
 def test_bad_site_tasks_flag_is_one_line(capsys, tiny_root, tmp_path) -> None:

@@ -86,6 +86,24 @@ def test_pretrained_varnet_of_another_shape_names_the_flags(multicoil_root, tmp_
     assert not (tmp_path / "r").exists()
 
 
+def test_test_phase_evaluates_fastmri_varnet_weights_without_a_run(multicoil_root, tmp_path):
+    fastmri_models = pytest.importorskip("fastmri.models", reason="fastmri is not installed")
+    torch.manual_seed(0)
+    varnet = fastmri_models.VarNet(num_cascades=2, sens_chans=2, sens_pools=1, chans=2, pools=1)
+    lightning = {"state_dict": {f"varnet.{k}": v for k, v in varnet.state_dict().items()}}
+    torch.save(varnet.state_dict(), tmp_path / "varnet.pt")
+    torch.save(lightning, tmp_path / "varnet.ckpt")
+    for weights in ("varnet.pt", "varnet.ckpt"):
+        # No size flags: read from the weights; no run, and only site H's data.
+        assert run_cli(["--phase", "test", "--model", "varnet", "--pretrained", str(tmp_path / weights),
+                        "--data_root", str(multicoil_root), "--test_dataset", "H", "--save_dir",
+                        str(tmp_path / f"out-{weights}"), "--quiet"]) == 0
+    rows = [list(csv.DictReader(open(tmp_path / f"out-{w}" / "test" / "metrics.csv"))) for w in ("varnet.pt", "varnet.ckpt")]
+    assert [(r["model"], r["site"]) for r in rows[0]] == [("zero_filled", "H"), ("pretrained", "H")]
+    assert rows[0] == rows[1]
+    assert sorted((tmp_path / "out-varnet.pt" / "test" / "reconstructions" / "H").glob("*.h5"))
+
+
 def test_test_phase_writes_the_fastmri_submission_layout(multicoil_root, tmp_path):
     save = tmp_path / "run"
     assert run_cli(TINY_VARNET + ["--data_root", str(multicoil_root), "--save_dir", str(save)]) == 0

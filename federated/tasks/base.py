@@ -107,6 +107,13 @@ class Task:
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UserError(f"--pretrained: the {self.name} task cannot load pretrained weights")
 
+    @classmethod
+    def pretrained_options(cls, path: Path) -> dict[str, object]:
+        """The model flags (option name -> value) that the weights in `path` were built with, as far
+        as the file tells them ({}: none known); --phase test --pretrained builds its model with them.
+        A file that cannot be read gives {} here and its error in `load_pretrained`."""
+        return {}
+
     # The model's own flags (and the optimiser's) left unset on the command line take these values:
     # `paper_defaults` at paper scale, updated by `demo_defaults` at demo scale (options.py).
     paper_defaults: dict[str, object] = {}

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from data.transforms import UnetDataTransform, UnetSample
 from federated.tasks.base import Batch, Task, VolumeParts
 from models.personalized_unet import PersonalizedUnet
-from models.unet import Unet, load_pretrained
+from models.unet import Unet, load_pretrained, pretrained_architecture
 from utils.errors import UserError
 
 
@@ -52,6 +52,13 @@ class UnetReconstruction(Task):
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         load_pretrained(model, path)
+
+    @classmethod
+    def pretrained_options(cls, path: Path) -> dict[str, object]:
+        found = pretrained_architecture(path)
+        if found is None:
+            return {}
+        return {"chans": found["chans"], "num_pools": found["num_pool_layers"], "norm": found["norm"]}
 
     def is_encoder(self, key: str) -> bool:
         """The down path and bottleneck."""

@@ -16,7 +16,7 @@ from torch import nn
 from data.transforms import VarNetDataTransform, VarNetSample, center_crop, ifft2c, rss
 from federated.tasks.base import Batch, Task, VolumeParts
 from models.ssim_loss import SSIMLoss
-from models.varnet import VarNet, load_pretrained_varnet
+from models.varnet import VarNet, load_pretrained_varnet, pretrained_varnet_architecture
 from utils.errors import UserError
 
 # The down path and bottleneck of every U-Net inside the VarNet (the cascades' and the sensitivity
@@ -81,6 +81,10 @@ class VarNetReconstruction(Task):
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         load_pretrained_varnet(model, path)
+
+    @classmethod
+    def pretrained_options(cls, path: Path) -> dict[str, object]:
+        return pretrained_varnet_architecture(path) or {}
 
     def forward(self, model: nn.Module, inputs) -> torch.Tensor:
         """(B, h, w): the RSS image centre-cropped to the target's size."""
