@@ -244,3 +244,22 @@ def test_more_processes_than_gpus_is_one_line_before_joining(monkeypatch, capsys
     assert err == ["main_fl_mr.py: error: --device cuda: 2 processes on this node but 1 GPU(s); start torchrun "
                    "with --nproc_per_node 1 or use --device cpu"]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_and_keeps_the_last_round(root, tmp_path):
+    run = tmp_path / "r"
+    proc = torchrun(UNET + ["--data_root", str(root), "--epochs", "100000", "--save_dir", str(run)],
+                    start_new_session=True)
+    try:
+        wait_until((run / "last.pt").exists, "round 1 is saved (last.pt)", proc)
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: to the whole group
+        _, err = finish(proc, timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert all(not Path(f"/proc/{w}").exists() for w in workers)
+    assert err.count(f"Continue with: python main_fl_mr.py --resume {run}") == 1
+    assert torch.load(run / "last.pt", weights_only=True)["round"] >= 1
