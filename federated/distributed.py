@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
@@ -98,15 +98,18 @@ class Group:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         device = grads[0].device if grads else torch.device("cpu")
+        # Which parameters have a gradient on some rank: the others stay without one, as in one
+        # process (an optimiser skips them; a zero gradient would still move Adam's state).
+        present = [float(p.grad is not None) for p in params]
         flat = torch.cat([g.detach().reshape(-1).float() * share for g in grads]
-                         + [torch.tensor([float(failure is not None)], device=device)])
+                         + [torch.tensor(present + [float(failure is not None)], device=device)])
         torch.distributed.all_reduce(flat)
         if flat[-1].item() > 0:
             self.raise_failures(self.gather(describe(failure)), failure)
-        offset = 0
-        for p, g in zip(params, grads):
+        offset, anywhere = 0, flat[-1 - len(params):-1].tolist()
+        for p, g, has in zip(params, grads, anywhere):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype) if has > 0 else None
             offset += n
 
     def my_share(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -249,19 +252,21 @@ def _shares(num_slices: int, batch_size: int, group: Group) -> list[float]:
     return [((r + 1) * size // n - r * size // n) / size for size in sizes]
 
 
-def check_fits(group: Group, opts, clients: Iterable, eval_sets: dict[str, Dataset]) -> None:
+def check_fits(group: Group, opts, clients: Sequence, eval_sets: dict[str, Dataset],
+               modules: Sequence[Any] = ()) -> None:
     """UserErrors for a world that cannot split the work: --local_bs not divisible, a client with
-    fewer slices or an evaluation site with fewer volumes than processes, BatchNorm statistics
-    (per rank, so not the one-process ones)."""
+    fewer slices or an evaluation site with fewer volumes than processes, BatchNorm in `modules` or
+    in what the clients keep (per-rank statistics, not the one-process ones)."""
     if group.world == 1:
         return
     n = group.world
     if opts.local_bs % n:
         raise UserError(f"--local_bs {opts.local_bs}: the global batch is split over {n} processes; "
                         f"use a multiple of {n} (each process takes local_bs / {n} slices per step)")
-    if getattr(opts, "norm", None) == "batch":
-        raise UserError(f"--norm batch: batch statistics would be each of the {n} processes' own; "
-                        "use --norm instance (or one process) under torchrun")
+    if any(_batch_norms(m) for m in [*modules, *(c.extra for c in clients)]):
+        raise UserError(f"--norm batch: batch statistics would be each of the {n} processes' own "
+                        "(the synthesis task's networks use BatchNorm, as pFLSynth's); use --norm instance "
+                        "(reconstruction) or one process under torchrun")
     for c in clients:
         if c.num_slices < n:
             raise UserError(f"client {c.name} has {c.num_slices} training slices, fewer than the {n} "
@@ -272,6 +277,21 @@ def check_fits(group: Group, opts, clients: Iterable, eval_sets: dict[str, Datas
             raise UserError(f"site {site}: its validation split has {count} volume(s), fewer than the {n} "
                             f"processes that share them; start torchrun with --nproc_per_node {count} or "
                             "fewer, or raise --val_sample_rate")
+
+
+def _batch_norms(obj: Any, depth: int = 0) -> bool:
+    """Whether `obj` (a module, or a client's dict of kept objects, two levels deep) holds BatchNorm."""
+    if isinstance(obj, torch.nn.Module):
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in obj.modules())
+    if depth > 2:
+        return False
+    if isinstance(obj, dict):
+        return any(_batch_norms(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_batch_norms(v, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return any(_batch_norms(v, depth + 1) for v in vars(obj).values())
+    return False
 
 
 # ---- the evaluation volumes --------------------------------------------------------------------

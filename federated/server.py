@@ -178,7 +178,6 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
                  + f"; target site {exp.test_site}; device {device}"
                  + (f"; {group.world} processes" if group.active else ""))
         eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}
-        distributed.check_fits(group, opts, exp.clients, eval_sets)
         for note in exp.task.notes():
             log.info(note)
 
@@ -189,6 +188,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         strategy.prepare(exp, model, device)
         for c in exp.clients:
             strategy.init_client(c, model)
+        distributed.check_fits(group, opts, exp.clients, eval_sets, [model])
     except Exception as e:
         error = e
     # Under torchrun: a setup error on any process ends every process here, before the first step.

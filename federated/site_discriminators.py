@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from federated import distributed
 from models.synthesis_losses import SynthesisHyperparameters, constant_then_linear_decay, lsgan_loss, make_adam
 
 
@@ -68,6 +69,10 @@ class SiteDiscriminators:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
+        # Under torchrun every process holds the same discriminators: their gradients are summed over
+        # the processes' shares of the batch, as the generator's are.
+        group = distributed.current()
+        group.average_gradients([p for d in self.discriminators for p in d.parameters()], group.share)
         for o in self.optimizers:
             o.step()  # a discriminator with no sample in the batch has no gradient and is left as it is
         return loss.detach()
