@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.results import GridResults, RunResult, mean_std  # noqa: E402
@@ -209,6 +210,7 @@ def panels_figure(results: GridResults, runs: list[RunResult], axis: str, stem: 
                 ax.set_ylabel(f"val {'SSIM' if metric == 'ssim' else 'PSNR (dB)'} on {', '.join(targets)}")
         axes[0, col].set_title(results.label(axis, value), fontsize=9)
         axes[1, col].set_xlabel("round")
+        axes[1, col].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title, fontsize=10)
