@@ -85,6 +85,9 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
                       help="training sites: letters (BFHI) or comma-separated names (--phase test: the checkpoint's)")
     data.add_argument("--test_dataset", default=None,
                       help="target site evaluated every round (default: H; with --phase test: the run's own)")
+    data.add_argument("--val_dataset", default=None,
+                      help="more sites evaluated every round besides the target and the training sites "
+                           "(letters or comma-separated names), e.g. every unseen site of a transfer study")
     data.add_argument("--sequence", default="T1", help="sequence subfolder of every site (T1, T2, ...)")
     data.add_argument("--resolution", type=int, default=None,
                       help=f"square crop of every image (default: {SYNTHETIC_RESOLUTION} for the synthetic "

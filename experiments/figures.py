@@ -3,6 +3,9 @@
 - `accel_<group>`: SSIM and PSNR on the target site against the acceleration, one line per method
   (grids whose runs differ in `--accelerations`, e.g. accel_sweep.json);
 - `curves_<group>`: validation PSNR on the target site and training loss against the round;
+- `val_<group>`: validation SSIM and PSNR on the target site against the round, one panel per value
+  of the table's column axis, a line per row (mean over seeds, the band their min..max), e.g. the
+  transfer grid's brain curves, augmented or not, one panel per training fraction;
 - `recon_<group>`: one test slice -- zero-filled input, each method's reconstruction, ground truth --
   with the error maps below (runs of a grid with `"test_phase": true`).
 
@@ -24,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.results import GridResults, RunResult, mean_std  # noqa: E402
@@ -47,6 +51,11 @@ def make_figures(results: GridResults, out: Path, volume: str | None = None,
     for key, members in groups(results, runs, per_method | accel_axes(runs)).items():
         if len({acceleration(r) for r in members}) > 1:
             written += accel_figure(results, members, out / f"accel_{_slug(key)}", _title(results, key))
+    panels = panel_axis(results)
+    if panels is not None:
+        for key, members in groups(results, runs, per_method | {panels}).items():
+            written += panels_figure(results, members, panels, out / f"val_{_slug(key)}",
+                                     _title(results, key, {panels}))
     for key, members in groups(results, runs, per_method).items():
         written += curves_figure(results, members, out / f"curves_{_slug(key)}", _title(results, key))
         written += recon_figure(results, members, out / f"recon_{_slug(key)}", _title(results, key),
@@ -93,9 +102,17 @@ def _methods(results: GridResults, runs: list[RunResult]) -> dict[str, list[RunR
     return out
 
 
-def _title(results: GridResults, key: tuple[str, ...]) -> str:
+def panel_axis(results: GridResults) -> str | None:
+    """The table's column axis when it is one of the grid's axes (not the runs' sites): the axis
+    whose values get a panel each in `val_<group>`."""
+    columns = results.grid["table"].get("columns")
+    return columns if columns in results.grid["axes"] else None
+
+
+def _title(results: GridResults, key: tuple[str, ...], exclude: set[str] = frozenset()) -> str:
+    """The labels of `key`, the values of the axes other than rows, seeds and `exclude`."""
     spec = results.grid["table"]
-    axes = [a for a in results.grid["axes"] if a not in (spec.get("rows"), spec.get("seeds"))]
+    axes = [a for a in results.grid["axes"] if a not in {spec.get("rows"), spec.get("seeds"), *exclude}]
     return ", ".join(f"{a} {results.label(a, v)}" for a, v in zip(axes, key) if v)
 
 
@@ -158,6 +175,60 @@ def curves_figure(results: GridResults, runs: list[RunResult], stem: Path, title
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def panels_figure(results: GridResults, runs: list[RunResult], axis: str, stem: Path, title: str) -> list[Path]:
+    """Validation SSIM (top) and PSNR (bottom) on each run's target site against the round: a panel
+    column per value of `axis` (in grid order), a line per method, the mean over seeds with the band
+    between the lowest and highest seed; the zero-filled input dashed."""
+    by_value: dict[str, list[RunResult]] = {}
+    for run in runs:
+        by_value.setdefault(run.coords.get(axis, ""), []).append(run)
+    values = [v for v in results.grid["axes"][axis] if v in by_value]
+    fig, axes = plt.subplots(2, len(values), figsize=(3.6 * len(values) + 1.2, 5.4), squeeze=False,
+                             sharex=True, sharey="row")
+    for col, value in enumerate(values):
+        members = by_value[value]
+        targets = sorted({r.target for r in members})
+        for name, seeds in _methods(results, members).items():
+            rounds, stats = _seed_curves(seeds)
+            if not rounds:
+                continue
+            for row, metric in enumerate(("ssim", "psnr")):
+                mean, low, high = (np.array([s[metric][i] for s in stats]) for i in range(3))
+                line, = axes[row, col].plot(rounds, mean, marker=".", label=f"{name} ({len(seeds)} seeds)"
+                                            if len(seeds) > 1 else name)
+                if len(seeds) > 1:
+                    axes[row, col].fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, lw=0)
+        zf = [z for z in (r.zero_filled(r.target) for r in members) if z is not None]
+        for row, metric in enumerate(("ssim", "psnr")):
+            ax = axes[row, col]
+            if zf:
+                ax.axhline(float(np.mean([z[metric] for z in zf])), color="k", ls="--", lw=1, label="zero-filled")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(f"val {'SSIM' if metric == 'ssim' else 'PSNR (dB)'} on {', '.join(targets)}")
+        axes[0, col].set_title(results.label(axis, value), fontsize=9)
+        axes[1, col].set_xlabel("round")
+        axes[1, col].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def _seed_curves(runs: list[RunResult]) -> tuple[list[int], list[dict[str, tuple[float, float, float]]]]:
+    """The rounds every run of `runs` evaluated on its target, and at each the (mean, min, max) over
+    the runs of SSIM and PSNR."""
+    curves = [{k: (p, s) for k, p, s in r.val_curve(r.target)} for r in runs]
+    rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    stats = []
+    for k in rounds:
+        psnrs, ssims = [c[k][0] for c in curves], [c[k][1] for c in curves]
+        stats.append({"psnr": (float(np.mean(psnrs)), min(psnrs), max(psnrs)),
+                      "ssim": (float(np.mean(ssims)), min(ssims), max(ssims))})
+    return rounds, stats
 
 
 def recon_figure(results: GridResults, runs: list[RunResult], stem: Path, title: str,

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class Experiment:
     """The sites and clients of one run, and what is learned on them.
 
-    `clients` train; `eval_sites` (test site first) are evaluated on `split` by `eval_set`.
+    `clients` train; `eval_sites` (test site first, then the `--val_dataset` sites, then the
+    training sites) are evaluated on `split` by `eval_set`.
     """
     task: Task
     registry: dict[str, Site]
@@ -128,5 +129,15 @@ def build_experiment(opts: argparse.Namespace, strategy: Strategy) -> Experiment
                            opts.sample_rate, opts.seed)
     groups = strategy.arrange_clients([[spec] for spec in specs])
     clients = [_client(strategy.task, group, i, opts) for i, group in enumerate(groups)]
-    eval_sites = [test_site] + [s for s in train_sites if s != test_site]
-    return Experiment(strategy.task, registry, clients, train_sites, test_site, eval_sites, synthetic_root)
+    return Experiment(strategy.task, registry, clients, train_sites, test_site,
+                      evaluated_sites(test_site, validation_sites(opts, registry), train_sites), synthetic_root)
+
+
+def validation_sites(opts: argparse.Namespace, registry: dict[str, Site]) -> list[str]:
+    """The extra sites of `--val_dataset` (none without it)."""
+    return parse_site_list(opts.val_dataset, registry, "--val_dataset") if opts.val_dataset else []
+
+
+def evaluated_sites(test_site: str, val_sites: list[str], train_sites: list[str]) -> list[str]:
+    """The sites evaluated every round, each once: the target, the `--val_dataset` sites, the training sites."""
+    return list(dict.fromkeys([test_site, *val_sites, *train_sites]))

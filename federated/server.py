@@ -117,14 +117,15 @@ def domain_gap_row(rnd: int, exp: Experiment, sources: list[str], latents: dict[
 def evaluation_plan(strategy: Strategy, exp: Experiment) -> list[tuple[str, Client | None, str]]:
     """(model label, client whose model it is or None for the global one, site) to evaluate.
 
-    Personalised methods: each client's model on its own site, and on the test site when no client
-    trains there (every client's model is evaluated there; no rule picks one for the user).
+    Personalised methods: each client's model on its own site, and on every evaluated site where no
+    client trains (the test site, `--val_dataset` sites): every client's model is evaluated there;
+    no rule picks one for the user.
     """
     if not strategy.personalized:
         return [("global", None, site) for site in exp.eval_sites]
     plan = [(c.name, c, c.site) for c in exp.clients]
-    if exp.test_site not in {c.site for c in exp.clients}:
-        plan += [(c.name, c, exp.test_site) for c in exp.clients]
+    trained = {c.site for c in exp.clients}
+    plan += [(c.name, c, site) for site in exp.eval_sites if site not in trained for c in exp.clients]
     return plan
 
 

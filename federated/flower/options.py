@@ -53,3 +53,6 @@ def check_flower_support(opts: argparse.Namespace) -> None:
     if opts.phase != "train":
         raise UserError("--phase test does not run on Flower yet (a Flower run's client state is on the "
                         "SuperNodes, not in its checkpoint)")
+    if getattr(opts, "val_dataset", None):
+        raise UserError("--val_dataset does not run on Flower yet (the server evaluates on the SuperNodes of "
+                        "the target and training sites only); leave it out")
