@@ -146,13 +146,6 @@ class Group:
         return out
 
 
-def describe(error: Exception | None) -> tuple[bool, str] | None:
-    """(is a UserError, one line) of an error, for the other ranks; None for no error."""
-    if error is None:
-        return None
-    return isinstance(error, UserError), str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-
-
 _GROUP = Group()
 
 

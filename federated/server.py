@@ -175,7 +175,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
                      writer=group.writer)
         seed_everything(opts.seed)
         exp = build_experiment(opts, strategy)
-        log.info(f"clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
+        log.info("clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
                  + f"; target site {exp.test_site}; device {device}"
                  + (f"; {group.world} processes" if group.active else ""))
         eval_sets = {site: eval_set(exp, site, "val", opts) for site in exp.eval_sites}

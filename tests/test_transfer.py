@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ from experiments.results import load_results
 from experiments.runner import GRID_FILE
 from experiments.table import build_tables
 from options import parse_options
-from tests.conftest import TINY_RUN, run_cli, wait_until
+from tests.conftest import TINY_RUN, run_cli
 
 GRID = REPO_ROOT / "experiments" / "grids" / "transfer.json"
 ROUNDS = 3
