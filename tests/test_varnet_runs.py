@@ -114,3 +114,13 @@ def test_test_phase_writes_the_fastmri_submission_layout(multicoil_root, tmp_pat
     with h5py.File(files[0]) as f:
         recon = f["reconstruction"][()]
     assert recon.ndim == 3 and recon.shape[0] == MULTICOIL.slices
+
+
+def test_rot90_of_non_square_knee_kspace_in_batches_is_one_line(multicoil_root, tmp_path, capsys):
+    save = tmp_path / "r"
+    args = TINY_VARNET + ["--data_root", str(multicoil_root), "--train_dataset", "K", "--aug_on",
+                          "--save_dir", str(save)]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "site K's k-space is" in err[0] and "--local_bs 1" in err[0]
+    assert not save.exists()

@@ -65,6 +65,11 @@ class VarNetReconstruction(Task):
             raise UserError(f"--model varnet needs multicoil k-space, but site '{site.name}' is {kind}; "
                             "use --challenge multicoil with multicoil fastMRI HDF5 sites, or --model unet")
 
+    def dataset(self, site, files, train: bool, mask_func):
+        if train and self.opts.aug_on and self.opts.aug_weight_rot90 > 0 and self.opts.local_bs > 1:
+            check_square_kspace(site, files)
+        return super().dataset(site, files, train, mask_func)
+
     def transform(self, site, mask_func, train: bool) -> VarNetDataTransform:
         return VarNetDataTransform(mask_func, use_seed=not train)
 
@@ -112,3 +117,16 @@ class VarNetReconstruction(Task):
     def eval_loss_sum(self, samples: VarNetSample, output: torch.Tensor) -> float:
         per_position = self._ssim_loss(output, samples.target, samples.max_value.float(), reduced=False)
         return per_position.mean(dim=(1, 2, 3)).sum().item()
+
+
+def check_square_kspace(site, files) -> None:
+    """MRAugment's odd rot90 swaps the sides of non-square k-space, so two slices of one batch can
+    differ in shape (VarNet reads the whole k-space): a UserError for such a site."""
+    import h5py
+    for f in files:
+        with h5py.File(f, "r") as hf:
+            height, width = hf["kspace"].shape[-2:]
+        if height != width:
+            raise UserError(f"--aug_weight_rot90 with --local_bs > 1: site {site.name}'s k-space is {height} x {width} "
+                            f"({f.name}), and an odd rot90 swaps its sides, so slices of one batch differ in shape; "
+                            "use --local_bs 1 (fastMRI's and MRAugment's) or --aug_weight_rot90 0")
