@@ -195,7 +195,8 @@ class Run:
         self.rounds_done += 1
         start = time.perf_counter()
         selected = select_clients(self.exp.clients, self.opts.frac, self.state.server_generator)
-        run_round(self.rounds_done, self.strategy, self.state, selected, self.exchange, self.opts, quiet_log())
+        run_round(self.rounds_done, self.strategy, self.state, selected, self.exchange, self.opts, quiet_log(),
+                  self.exp)
         self.strategy.end_round(self.rounds_done, self.model, self.state.global_state, self.exp.clients)
         return time.perf_counter() - start
 

@@ -70,6 +70,13 @@ class FedMRI(Strategy):
         self.previous = {k: torch.stack([s[k] for s in client_states]) for k in self.param_keys}
         return super().aggregate(global_state, client_states, weights)
 
+    def round_payload(self, rnd: int, contexts: dict) -> State:
+        """Every client needs the encoders the clients sent last round (none in round 1)."""
+        return dict(self.previous)
+
+    def load_round_payload(self, payload: State) -> None:
+        self.previous = dict(payload)
+
     def state_dict(self) -> dict:
         return {"previous": self.previous}
 

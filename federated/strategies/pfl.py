@@ -51,6 +51,10 @@ class PersonalizedFL(Strategy):
         self.shared_prefixes = model.mapper_prefixes + tuple(p for s in shared_stages for p in s)
         return model
 
+    def federation_refusal(self) -> str | None:
+        return ("--strategy pfl does not run on Flower yet: its site codes are one-hot over the sites of "
+                "all clients, and a node builds its model knowing only its own site's clients")
+
     def is_shared(self, key: str) -> bool:
         return key.startswith(self.shared_prefixes)
 

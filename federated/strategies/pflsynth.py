@@ -50,6 +50,10 @@ class PFLSynth(Strategy):
         self.sites = list(dict.fromkeys(c.site for c in clients))
         return self.task.build_pflsynth_model(len(self.sites))
 
+    def federation_refusal(self) -> str | None:
+        return ("--strategy pflsynth does not run on Flower yet: its site codes are one-hot over the sites of "
+                "all clients, and a node builds its model knowing only its own site's clients")
+
     def is_shared(self, key: str) -> bool:
         return self._shared(key)
 
