@@ -209,7 +209,7 @@ def prepare_run(opts: argparse.Namespace) -> Run:
     seed_everything(opts.seed)
     device = torch.device("cpu")
     strategy, exp = experiment(opts)
-    model = strategy.build_model(exp.clients).to(device)
+    model = strategy.build_model(exp.train_sites).to(device)
     strategy.prepare(exp, model, device)
     for c in exp.clients:
         strategy.init_client(c, model)

@@ -185,7 +185,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         for note in exp.task.notes():
             log.info(note)
 
-        model = strategy.build_model(exp.clients)
+        model = strategy.build_model(exp.train_sites)
         if opts.pretrained:
             exp.task.load_pretrained(model, Path(opts.pretrained))
         model.to(device)

@@ -233,6 +233,23 @@ def test_mrcm_features_on_flower_equals_in_process_and_only_latents_leave_the_ta
                                                             for v in state.values()), name
 
 
+def test_pfl_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
+    """Each node builds the model with the study's training sites (one-hot site codes over all of them)."""
+    flower_and_in_process(tiny_root, tmp_path, ["--strategy", "pfl", "--epochs", "2", "--test_dataset", "F"], "BF")
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+
+
+def test_pflsynth_without_dropout_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
+    """Dropout draws from the process's global random stream, which in process runs on across clients
+    and rounds and on a node starts afresh with each message: only without it are the runs equal."""
+    flags = ["--task", "synthesis", "--ngf", "4", "--ndf", "4", "--n_blocks", "2", "--mapping_layers", "2",
+             "--no_dropout", "--strategy", "pflsynth", "--pflsynth_shared_blocks", "1", "--epochs", "2", "--test_dataset", "I"]
+    flower_and_in_process(tiny_root, tmp_path, flags, "BI")
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+
+
 def test_bad_or_failing_replies_are_left_out_with_the_site_named(tiny_root, tmp_path, task_identity, capsys):
     def tamper(site, msg, reply):
         if msg.metadata.message_type != "train":
@@ -267,8 +284,7 @@ def test_missing_site_and_unsupported_method_are_user_errors(tiny_root, tmp_path
     assert "unknown site 'F'" in capsys.readouterr().err
     refused = {"mrcm": "--mrcm_target images does not run on Flower: every source client would read the target "
                        "site's images; use --mrcm_target features",
-               "central": "--strategy central does not run on Flower: it pools every training site's images",
-               "pfl": "--strategy pfl does not run on Flower yet: its site codes"}
+               "central": "--strategy central does not run on Flower: it pools every training site's images"}
     for name, line in refused.items():
         assert serve(InProcessGrid(node_configs(tiny_root, tmp_path, "BF")), args + ["--strategy", name]) == 2
         err = capsys.readouterr().err

@@ -30,7 +30,7 @@ def one_step_grads(tiny_root, lambda_adv: float, mode: str = "images") -> dict[s
     seed_everything(0)
     strategy = MRCM(opts)
     exp = build_experiment(opts, strategy)
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     device = torch.device("cpu")
     strategy.prepare(exp, model, device)
     client: Client = exp.clients[0]

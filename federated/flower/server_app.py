@@ -64,7 +64,7 @@ def serve(grid: Grid, argv: list[str]) -> int:
         exp = exchange.connect()
         log.info("clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
                  + f"; target site {exp.test_site}; {len(exchange.sites)} SuperNodes")
-        model = strategy.build_model(exp.clients)
+        model = strategy.build_model(exp.train_sites)
         if opts.pretrained:
             exp.task.load_pretrained(model, Path(opts.pretrained))
         run_study(run, exp, model, strategy, exchange, opts, log)

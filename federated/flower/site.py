@@ -61,7 +61,7 @@ class SiteNode:
         task = self.strategy.task
         self.clients = site_clients(task, opts, registry, train_sites, self.site) if self.site in train_sites else []
         self.exp = Experiment(task, registry, self.clients, train_sites, study["test_site"], [self.site], None)
-        self.model = self.strategy.build_model(self.clients).to(self.device)
+        self.model = self.strategy.build_model(train_sites).to(self.device)
         self.strategy.prepare(self.exp, self.model, self.device)
         for c in self.clients:
             self.strategy.init_client(c, self.model)

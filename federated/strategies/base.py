@@ -67,7 +67,10 @@ class Strategy:
         """Add this method's own flags to the shared parser."""
 
     # ---- model and partition of its weights --------------------------------------------------
-    def build_model(self, clients: list[Client]) -> nn.Module:
+    def build_model(self, sites: list[str]) -> nn.Module:
+        """The model, for a study whose clients train on `sites` (the training sites, in the
+        clients' order; personalised methods code them). The same everywhere: a Flower node knows
+        the study's training sites, not the other sites' clients."""
         return self.task.build_model()
 
     def is_shared(self, key: str) -> bool:

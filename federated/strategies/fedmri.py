@@ -47,8 +47,8 @@ class FedMRI(Strategy):
     def is_shared(self, key: str) -> bool:
         return self.task.is_encoder(key)
 
-    def build_model(self, clients) -> nn.Module:
-        model = super().build_model(clients)
+    def build_model(self, sites: list[str]) -> nn.Module:
+        model = super().build_model(sites)
         self.param_keys = [k for k, _ in model.named_parameters() if self.is_shared(k)]
         return model
 

@@ -41,8 +41,8 @@ class PersonalizedFL(Strategy):
                                 "slices as in pFLSynth (--weighting does not apply). "
                                 + "; ".join(f"{k}: {v}" for k, v in SHARED_STAGES.items()))
 
-    def build_model(self, clients: list[Client]) -> nn.Module:
-        self.sites = list(dict.fromkeys(c.site for c in clients))
+    def build_model(self, sites: list[str]) -> nn.Module:
+        self.sites = list(sites)
         o = self.opts
         model = self.task.build_personalized_model(len(self.sites))
         stages = model.stages()
@@ -50,10 +50,6 @@ class PersonalizedFL(Strategy):
         shared_stages = {"decoder": stages[n:], "encoder": stages[:n], "all": stages}[o.pfl_shared]
         self.shared_prefixes = model.mapper_prefixes + tuple(p for s in shared_stages for p in s)
         return model
-
-    def federation_refusal(self) -> str | None:
-        return ("--strategy pfl does not run on Flower yet: its site codes are one-hot over the sites of "
-                "all clients, and a node builds its model knowing only its own site's clients")
 
     def is_shared(self, key: str) -> bool:
         return key.startswith(self.shared_prefixes)

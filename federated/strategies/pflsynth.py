@@ -46,13 +46,9 @@ class PFLSynth(Strategy):
                            help="residual blocks averaged (the last ones, with the decoder and the mapper); "
                                 "pFLSynth: 4 of 9")
 
-    def build_model(self, clients: list[Client]) -> nn.Module:
-        self.sites = list(dict.fromkeys(c.site for c in clients))
+    def build_model(self, sites: list[str]) -> nn.Module:
+        self.sites = list(sites)
         return self.task.build_pflsynth_model(len(self.sites))
-
-    def federation_refusal(self) -> str | None:
-        return ("--strategy pflsynth does not run on Flower yet: its site codes are one-hot over the sites of "
-                "all clients, and a node builds its model knowing only its own site's clients")
 
     def is_shared(self, key: str) -> bool:
         return self._shared(key)
