@@ -332,6 +332,18 @@ def test_fedavg_over_localhost_tls_auth_equals_main_fl_mr(tiny_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_mrcm_features_over_localhost_equals_in_process(tiny_root, tmp_path):
+    """The target H has a node of its own (no client): it computes the bank each round."""
+    common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BF", "--test_dataset", "H",
+                         "--strategy", "mrcm", "--mrcm_target", "features", "--mrcm_bank", "8", "--epochs", "2"]
+    assert deployed(tmp_path, common + ["--save_dir", str(tmp_path / "flower")]) == 0
+    assert not processes_under(tmp_path)
+    assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 0
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+
+
+@pytest.mark.slow
 def test_killed_supernode_is_left_out_and_rejoins_with_its_saved_state(tiny_root, tmp_path):
     from federated.flower.local import LocalDeployment
     sites = "BFH"
