@@ -70,7 +70,7 @@ def measure_unet(args, scale) -> list[dict]:
         for variant, config in VARIANTS.items():
             ds = site_dataset(spec, spec.files(opts.sequence, "train"), opts, train=True)
             datasets[site, variant] = augmented(ds, config)
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     first = datasets[args.sites[0], "no augmentation"]
     sample = next(iter(make_loader(first, bs, False, None, 0, torch.device("cpu"))))
     image, target = sample.image.unsqueeze(1), sample.target.unsqueeze(1)

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     ds = any_run.exp.clients[0].dataset
     batch = next(iter(make_loader(ds, bs, False, None, 0, torch.device("cpu"))))
     image, target = batch.image.unsqueeze(1), batch.target.unsqueeze(1)
-    model = any_run.strategy.build_model(any_run.exp.clients)
+    model = any_run.strategy.build_model(any_run.exp.train_sites)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4)
 
     def bare() -> float:

@@ -195,7 +195,8 @@ class Run:
         self.rounds_done += 1
         start = time.perf_counter()
         selected = select_clients(self.exp.clients, self.opts.frac, self.state.server_generator)
-        run_round(self.rounds_done, self.strategy, self.state, selected, self.exchange, self.opts, quiet_log())
+        run_round(self.rounds_done, self.strategy, self.state, selected, self.exchange, self.opts, quiet_log(),
+                  self.exp)
         self.strategy.end_round(self.rounds_done, self.model, self.state.global_state, self.exp.clients)
         return time.perf_counter() - start
 
@@ -208,7 +209,7 @@ def prepare_run(opts: argparse.Namespace) -> Run:
     seed_everything(opts.seed)
     device = torch.device("cpu")
     strategy, exp = experiment(opts)
-    model = strategy.build_model(exp.clients).to(device)
+    model = strategy.build_model(exp.train_sites).to(device)
     strategy.prepare(exp, model, device)
     for c in exp.clients:
         strategy.init_client(c, model)

@@ -65,7 +65,7 @@ def measure(args, scale, resolution: int) -> list[dict]:
     for site in args.sites:
         spec = exp.registry[site]
         datasets[site] = site_dataset(strategy.task, spec, spec.files(opts.sequence, "train"), opts, train=True)
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     sample = next(iter(make_loader(datasets[args.sites[0]], bs, False, None, 0, torch.device("cpu"))))
     image, target = sample.image.unsqueeze(1), sample.target.unsqueeze(1)
 

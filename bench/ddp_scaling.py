@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
                        extra=["--train_dataset", "F", "--test_dataset", "F", "--local_ep", "1"])
     torch.manual_seed(0)
     strategy, exp = experiment(opts)
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     group.broadcast_state(model)
     client = exp.clients[0]
     start_state = {k: v.clone() for k, v in model.state_dict().items()}

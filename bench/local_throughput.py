@@ -92,7 +92,7 @@ def measure(args, scale, resolution: int, site: str) -> dict:
     strategy, exp = experiment(opts)
     client = exp.clients[0]
     device = torch.device("cpu")
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # The bare loop's batches: the client's own, read once, kept in memory.

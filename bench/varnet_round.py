@@ -75,7 +75,7 @@ def main(argv=None) -> None:
                               *size["flags"]])
     strategy, exp = experiment(opts)
     task, client, device = strategy.task, exp.clients[0], torch.device("cpu")
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # The bare loop's batches: the client's own, read once, kept in memory.

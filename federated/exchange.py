@@ -1,9 +1,10 @@
 """How the round loop reaches its clients.
 
-`federated/server.py` runs a round as: select clients -> `Exchange.train` (their local updates) ->
-aggregate -> `Exchange.evaluate`. `InProcess` does the clients' work in this process; the Flower
-exchange (`federated/flower/server_app.py`) sends the same work to one SuperNode per site, whose
-ClientApp calls the same functions below. Whatever carries it, a client's update is the same
+`federated/server.py` runs a round as: select clients -> `Exchange.site_contexts` (the strategy's
+start-of-round work at the sites that do some, with their own data) -> `Exchange.train` (their local
+updates, with the round's payload) -> aggregate -> `Exchange.evaluate`. `InProcess` does the
+clients' work in this process; the Flower exchange (`federated/flower/server_app.py`) sends the same
+work to one SuperNode per site, whose ClientApp calls the same functions below. Whatever carries it, a client's update is the same
 `local_update` with the same strategy hooks, and the server receives only the shared entries.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from federated.client import Client, ClientFailure, LocalResult, local_update
 from federated.domain_gap import pooled_latents
 from federated.evaluation import evaluate_parts
+from federated.experiment import site_train_set
 from federated.precision import autocast_forward
 from utils.errors import UserError
 
@@ -63,8 +65,14 @@ class Evaluation:
 
 
 class Exchange(Protocol):
-    def train(self, rnd: int, global_state: State, clients: list[Client]) -> list[ClientUpdate | LeftOut]:
-        """Every client's local update from `global_state`, in the order of `clients`."""
+    def site_contexts(self, rnd: int, global_state: State, seeds: dict[str, int]) -> dict[str, State]:
+        """`Strategy.site_context` of each site in `seeds` (with its seed), done where the site's
+        data is; only its result comes back. Raises RunStopped when a site cannot do it."""
+
+    def train(self, rnd: int, global_state: State, clients: list[Client],
+              payload: State) -> list[ClientUpdate | LeftOut]:
+        """Every client's local update from `global_state`, with the round's `payload`
+        (`Strategy.round_payload`), in the order of `clients`."""
 
     def evaluate(self, global_state: State, plan: list[PlanEntry], latent_sites: list[str]) -> Evaluation:
         """Validation scores of each plan entry, and the global model's latents on `latent_sites`."""
@@ -80,6 +88,13 @@ class Exchange(Protocol):
 
 
 # ---- the client's side: the same in this process and on a Flower SuperNode ---------------------
+def start_round(strategy: Strategy, rnd: int, model: nn.Module, global_state: State, clients: list[Client],
+                payload: State) -> None:
+    """Before `clients` train in round `rnd`: the round's payload, then the strategy's `begin_round`."""
+    strategy.load_round_payload(payload)
+    strategy.begin_round(rnd, model, global_state, clients)
+
+
 def shared_entries(strategy: Strategy, state: State) -> State:
     """The entries of `state` the strategy aggregates: all a server ever receives from a client."""
     return {k: v for k, v in state.items() if strategy.is_shared(k)}
@@ -143,10 +158,20 @@ class InProcess:
                  opts: argparse.Namespace, device: torch.device, log):
         self.exp, self.model, self.strategy, self.eval_sets = exp, model, strategy, eval_sets
         self.opts, self.device, self.log = opts, device, log
+        self.train_sets: dict = {}  # site -> its training slices, for `site_contexts`
 
-    def train(self, rnd: int, global_state: State, clients: list[Client]) -> list[ClientUpdate | LeftOut]:
+    def site_contexts(self, rnd: int, global_state: State, seeds: dict[str, int]) -> dict[str, State]:
+        out = {}
+        for site, seed in seeds.items():
+            if site not in self.train_sets:
+                self.train_sets[site] = site_train_set(self.exp, site, self.opts)
+            out[site] = self.strategy.site_context(rnd, self.model, global_state, self.train_sets[site], seed)
+        return out
+
+    def train(self, rnd: int, global_state: State, clients: list[Client],
+              payload: State) -> list[ClientUpdate | LeftOut]:
         strategy = self.strategy
-        strategy.begin_round(rnd, self.model, global_state, clients)
+        start_round(strategy, rnd, self.model, global_state, clients, payload)
         out: list[ClientUpdate | LeftOut] = []
         for client in tqdm(clients, desc=f"round {rnd}", leave=False, disable=self.log.quiet_bars, unit="client"):
             before = copy.deepcopy(strategy.client_state(client))

@@ -81,6 +81,14 @@ def eval_set(exp: Experiment, site_name: str, split: str, opts: argparse.Namespa
     return site_dataset(exp.task, site, files, opts, train=False)
 
 
+def site_train_set(exp: Experiment, site_name: str, opts: argparse.Namespace) -> SliceDataset:
+    """All training slices of one site (--sample_rate of its volumes), undersampled like any
+    training input: what a site works with in `Strategy.site_context`, whether or not it has clients."""
+    site = exp.registry[site_name]
+    files = subsample_volumes(site.files(opts.sequence, "train"), opts.sample_rate, opts.seed)
+    return site_dataset(exp.task, site, files, opts, train=True)
+
+
 def _client(task: Task, group: list[ClientSpec], index: int, opts: argparse.Namespace) -> Client:
     parts = [site_dataset(task, spec.site, list(spec.train_files), opts, train=True) for spec in group]
     dataset = parts[0] if len(parts) == 1 else ConcatSliceDataset(parts)

@@ -158,7 +158,7 @@ def from_checkpoint(opts: argparse.Namespace, log) -> Tested:
         saved_clients = {}
     clients = [checkpoint_client(name, saved_client, opts.train_dataset)
                for name, saved_client in saved_clients.items()]
-    model = strategy.build_model(clients)
+    model = strategy.build_model(list(dict.fromkeys(c.site for c in clients)))
     if not strategy.personalized:
         return Tested(opts, strategy, model, ckpt["model"], [("global", None)], from_run)
     if not clients:

@@ -60,11 +60,14 @@ def select_clients(clients: list[Client], frac: float, generator: torch.Generato
 
 
 def run_round(rnd: int, strategy: Strategy, state: RunState, selected: list[Client], exchange: Exchange,
-              opts: argparse.Namespace, log) -> list[dict]:
-    """The selected clients' local updates (through `exchange`), then aggregation. Returns the round's
-    training rows."""
+              opts: argparse.Namespace, log, exp: Experiment) -> list[dict]:
+    """The strategy's start-of-round work at the sites that do some (their data stays there), the
+    round's payload, the selected clients' local updates (all through `exchange`), then
+    aggregation. Returns the round's training rows."""
+    contexts = exchange.site_contexts(rnd, state.global_state, strategy.context_sites(rnd, exp))
+    payload = strategy.round_payload(rnd, contexts)
     updates, rows = [], []
-    for outcome in exchange.train(rnd, state.global_state, selected):
+    for outcome in exchange.train(rnd, state.global_state, selected, payload):
         client = outcome.client
         if isinstance(outcome, LeftOut):
             log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: {outcome.reason}")
@@ -182,7 +185,7 @@ def train(opts: argparse.Namespace, strategy: Strategy, log) -> RunState:
         for note in exp.task.notes():
             log.info(note)
 
-        model = strategy.build_model(exp.clients)
+        model = strategy.build_model(exp.train_sites)
         if opts.pretrained:
             exp.task.load_pretrained(model, Path(opts.pretrained))
         model.to(device)
@@ -224,7 +227,7 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
         selected = select_clients(exp.clients, opts.frac, state.server_generator)
         if strategy.privacy is not None and (why := strategy.privacy.stop_reason(len(selected), len(exp.clients))):
             raise RunStopped(f"round {rnd}: {why}")
-        rows = run_round(rnd, strategy, state, selected, exchange, opts, log)
+        rows = run_round(rnd, strategy, state, selected, exchange, opts, log, exp)
         if strategy.privacy is not None:
             rows.append(strategy.privacy.spend(rnd, len(selected), len(exp.clients)))
         rows += strategy.end_round(rnd, model, state.global_state, exp.clients)

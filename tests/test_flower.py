@@ -22,8 +22,8 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from federated.flower import client_app  # noqa: E402
-from federated.flower.messages import (ARRAYS, METRICS, check_train_reply, from_arrays, to_arrays,  # noqa: E402
-                                       train_reply_content)
+from federated.flower.messages import (ARRAYS, CONTEXT, METRICS, PAYLOAD, check_train_reply,  # noqa: E402
+                                       from_arrays, to_arrays, train_reply_content)
 from federated.flower.server_app import serve  # noqa: E402
 from federated.strategies.fedbn import norm_keys  # noqa: E402
 from models.unet import Unet  # noqa: E402
@@ -82,12 +82,13 @@ def test_reply_check_accepts_a_good_update_and_names_what_is_wrong_with_bad_ones
 # ---- the ServerApp and ClientApp, without processes -------------------------------------------
 class InProcessGrid(Grid):
     """Each message goes to the real ClientApp of its node here; `tamper(site, reply)` may replace a
-    reply; `received` keeps every reply the server got."""
+    reply; `sent` keeps every message the server sent (with its site), `received` every reply it got."""
 
     def __init__(self, node_configs: list[dict], tamper=None):
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config=cfg, state=RecordDict(),
                                           run_config={}) for i, cfg in enumerate(node_configs)}
         self.tamper = tamper
+        self.sent: list[tuple[str, Message]] = []
         self.received: list[Message] = []
 
     def set_run(self, run_id):
@@ -114,6 +115,7 @@ class InProcessGrid(Grid):
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # as the SuperLink does
             context = self.contexts[m.metadata.dst_node_id]
+            self.sent.append((context.node_config["site"], m))
             rng = capture_rng()  # a node is its own process: its seeding must not touch the server's
             try:
                 reply = client_app.app(m, context)
@@ -138,10 +140,11 @@ def node_configs(root, tmp_path, sites) -> list[dict]:
     return [{"site": s, "data-root": str(root), "state-dir": str(tmp_path / "nodes" / s)} for s in sites]
 
 
-def flower_and_in_process(tiny_root, tmp_path, flags: list[str], sites: str, tamper=None):
-    """The same study on the Flower code path (InProcessGrid) and in process; returns the grid."""
+def flower_and_in_process(tiny_root, tmp_path, flags: list[str], sites: str, tamper=None, nodes: str | None = None):
+    """The same study on the Flower code path (InProcessGrid, a node per site of `nodes`, by default
+    the training sites) and in process; returns the grid."""
     common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", sites] + flags
-    grid = InProcessGrid(node_configs(tiny_root, tmp_path, sites), tamper)
+    grid = InProcessGrid(node_configs(tiny_root, tmp_path, nodes or sites), tamper)
     assert serve(grid, common + ["--save_dir", str(tmp_path / "flower"), "--node_wait", "0"]) == 0
     assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 0
     return grid
@@ -170,6 +173,80 @@ def test_fedbn_norm_weights_never_reach_the_server(tiny_root, tmp_path, task_ide
 
 def test_fedprox_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
     flower_and_in_process(tiny_root, tmp_path, ["--strategy", "fedprox", "--mu", "0.1", "--test_dataset", "F"], "BF")
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+
+
+def train_messages(grid: InProcessGrid) -> list[tuple[str, Message]]:
+    return [(site, m) for site, m in grid.sent if m.metadata.message_type == "train"]
+
+
+def test_fedmri_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
+    grid = flower_and_in_process(tiny_root, tmp_path, ["--strategy", "fedmri", "--epochs", "2", "--test_dataset", "F"],
+                                 "BF")
+    # Each client's own decoder is evaluated: the rows equal the in-process ones only if it trained alike.
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+    # The contrastive term's negatives travel in the round's payload: none in round 1, then the two
+    # encoders the clients sent in round 1, to each client.
+    sent = train_messages(grid)
+    assert [PAYLOAD in m.content.array_records for _, m in sent] == [False, False, True, True]
+    replies = [from_arrays(r.content.array_records[ARRAYS]) for r in grid.received
+               if METRICS in r.content.metric_records][:2]
+    for _, m in sent[2:]:
+        payload = from_arrays(m.content.array_records[PAYLOAD])
+        assert payload and set(payload) <= set(replies[0])
+        assert all(torch.equal(payload[k], torch.stack([r[k] for r in replies])) for k in payload)
+
+
+def test_mrcm_features_on_flower_equals_in_process_and_only_latents_leave_the_target(tiny_root, tmp_path,
+                                                                                     task_identity):
+    grid = flower_and_in_process(tiny_root, tmp_path, ["--strategy", "mrcm", "--mrcm_target", "features",
+                                                       "--mrcm_bank", "8", "--epochs", "2", "--test_dataset", "H"],
+                                 "BF", nodes="BFH")
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+    # The bank's seeds are drawn on the server, from the generator its checkpoint keeps.
+    generators = [torch.load(tmp_path / run / "last.pt", weights_only=True)["strategy"]["bank_generator"]
+                  for run in ("flower", "local")]
+    assert torch.equal(*generators)
+
+    # Each round the target's node (H, no client) computes the bank; the sources get it as payload.
+    asked = [(site, m) for site, m in grid.sent if m.metadata.message_type == "query.context"]
+    assert [site for site, _ in asked] == ["H", "H"]
+    banks = [from_arrays(r.content.array_records[CONTEXT]) for r in grid.received if CONTEXT in r.content.array_records]
+    assert len(banks) == 2 and all(set(b) == {"bank"} and b["bank"].shape == (8, 4 * 16) for b in banks)
+    sent = train_messages(grid)
+    assert sorted(site for site, _ in sent) == ["B", "B", "F", "F"]
+    for i, (_, m) in enumerate(sent):
+        assert torch.equal(from_arrays(m.content.array_records[PAYLOAD])["bank"], banks[i // 2]["bank"])
+    # What the server receives: weights (train replies), pooled latent vectors (the bank and the
+    # evaluation's domain gap, (N, 4C)) and numbers; never an image.
+    weight_keys = set(final_weights(tmp_path / "local"))
+    for reply in grid.received:
+        assert not reply.has_error()
+        for name, record in reply.content.array_records.items():
+            state = from_arrays(record)
+            if name == ARRAYS:
+                assert set(state) <= weight_keys
+            else:
+                assert name in (CONTEXT, "latents") and all(v.ndim == 2 and v.shape[1] == 4 * 16
+                                                            for v in state.values()), name
+
+
+def test_pfl_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
+    """Each node builds the model with the study's training sites (one-hot site codes over all of them)."""
+    flower_and_in_process(tiny_root, tmp_path, ["--strategy", "pfl", "--epochs", "2", "--test_dataset", "F"], "BF")
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+
+
+def test_pflsynth_without_dropout_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
+    """Dropout draws from the process's global random stream, which in process runs on across clients
+    and rounds and on a node starts afresh with each message: only without it are the runs equal."""
+    flags = ["--task", "synthesis", "--ngf", "4", "--ndf", "4", "--n_blocks", "2", "--mapping_layers", "2",
+             "--no_dropout", "--strategy", "pflsynth", "--pflsynth_shared_blocks", "1", "--epochs", "2", "--test_dataset", "I"]
+    flower_and_in_process(tiny_root, tmp_path, flags, "BI")
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
     assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
 
 
@@ -205,8 +282,13 @@ def test_missing_site_and_unsupported_method_are_user_errors(tiny_root, tmp_path
                        "--save_dir", str(tmp_path / "run"), "--node_wait", "0"]
     assert serve(InProcessGrid(node_configs(tiny_root, tmp_path, "B")), args) == 2
     assert "unknown site 'F'" in capsys.readouterr().err
-    assert serve(InProcessGrid(node_configs(tiny_root, tmp_path, "BF")), args + ["--strategy", "mrcm"]) == 2
-    assert "does not run on Flower yet" in capsys.readouterr().err
+    refused = {"mrcm": "--mrcm_target images does not run on Flower: every source client would read the target "
+                       "site's images; use --mrcm_target features",
+               "central": "--strategy central does not run on Flower: it pools every training site's images"}
+    for name, line in refused.items():
+        assert serve(InProcessGrid(node_configs(tiny_root, tmp_path, "BF")), args + ["--strategy", name]) == 2
+        err = capsys.readouterr().err
+        assert line in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
@@ -242,6 +324,18 @@ def deployed(tmp_path, argv: list[str]) -> int:
 def test_fedavg_over_localhost_tls_auth_equals_main_fl_mr(tiny_root, tmp_path):
     common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BFHI", "--test_dataset", "H",
                          "--epochs", "2", "--seed", "1"]
+    assert deployed(tmp_path, common + ["--save_dir", str(tmp_path / "flower")]) == 0
+    assert not processes_under(tmp_path)
+    assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 0
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
+
+
+@pytest.mark.slow
+def test_mrcm_features_over_localhost_equals_in_process(tiny_root, tmp_path):
+    """The target H has a node of its own (no client): it computes the bank each round."""
+    common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BF", "--test_dataset", "H",
+                         "--strategy", "mrcm", "--mrcm_target", "features", "--mrcm_bank", "8", "--epochs", "2"]
     assert deployed(tmp_path, common + ["--save_dir", str(tmp_path / "flower")]) == 0
     assert not processes_under(tmp_path)
     assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 0

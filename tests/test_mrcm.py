@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from federated.client import Client
-from federated.experiment import build_experiment
+from federated.exchange import start_round
+from federated.experiment import build_experiment, site_train_set
 from federated.strategies.mrcm import MRCM
 from options import parse_options
 from tests.conftest import TINY_RUN, run_cli
@@ -29,12 +30,15 @@ def one_step_grads(tiny_root, lambda_adv: float, mode: str = "images") -> dict[s
     seed_everything(0)
     strategy = MRCM(opts)
     exp = build_experiment(opts, strategy)
-    model = strategy.build_model(exp.clients)
+    model = strategy.build_model(exp.train_sites)
     device = torch.device("cpu")
     strategy.prepare(exp, model, device)
     client: Client = exp.clients[0]
     strategy.init_client(client, model)
-    strategy.begin_round(1, model, {k: v.clone() for k, v in model.state_dict().items()}, [client])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    contexts = {site: strategy.site_context(1, model, start, site_train_set(exp, site, opts), seed)
+                for site, seed in strategy.context_sites(1, exp).items()}
+    start_round(strategy, 1, model, start, [client], strategy.round_payload(1, contexts))
     client.dataset.set_epoch(1)
     batch = torch.utils.data.default_collate([client.dataset[i] for i in range(4)])
     loss, logs = strategy.training_loss(client, model, strategy.task.to_device(batch, device))

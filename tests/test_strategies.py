@@ -7,7 +7,6 @@ import argparse
 import csv
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def options(*flags: str) -> argparse.Namespace:
 def strategy_and_state(name: str, *flags: str):
     """A strategy and the initial state of its model, for two clients at sites F and B."""
     strategy = STRATEGIES[name](options("--strategy", name, *flags))
-    model = strategy.build_model([SimpleNamespace(site="F"), SimpleNamespace(site="B")])
+    model = strategy.build_model(["F", "B"])
     return strategy, {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -15,9 +15,9 @@ from flwr.clientapp import ClientApp
 
 from federated.client import local_update
 from federated.exchange import (evaluate_model, failure_reason, global_latents, keep_local, shared_entries,
-                                baseline_scores)
-from federated.flower.messages import (ARRAYS, CONFIG, from_arrays, options_from_json, to_arrays,
-                                       train_reply_content)
+                                baseline_scores, start_round)
+from federated.flower.messages import (ARRAYS, CONFIG, CONTEXT, PAYLOAD, from_arrays, options_from_json,
+                                       to_arrays, train_reply_content)
 from federated.flower.site import SiteNode, node_site
 
 CLIENT_ERROR = 1  # error code of a reply whose work failed; its reason says why
@@ -58,6 +58,24 @@ def clients(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def arrays_on(msg: Message, key: str, device) -> dict:
+    """The tensors of the message's `key` record on `device` (none when it has no such record)."""
+    if key not in msg.content.array_records:
+        return {}
+    return {k: v.to(device) for k, v in from_arrays(msg.content.array_records[key]).items()}
+
+
+@app.query("context")
+@replies_errors
+def start_of_round(msg: Message, context: Context) -> Message:
+    """The site's start-of-round work with its own training data; only its result is sent back."""
+    config = msg.content.config_records[CONFIG]
+    node = SiteNode(context.node_config, study_of(msg))
+    out = node.strategy.site_context(int(config["round"]), node.model, arrays_on(msg, ARRAYS, node.device),
+                                     node.train_set(), int(config["seed"]))
+    return Message(RecordDict({CONTEXT: to_arrays(out)}), reply_to=msg)
+
+
 @app.train()
 @replies_errors
 def train(msg: Message, context: Context) -> Message:
@@ -68,8 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     resumed = node.restore(client, before=rnd)
     print(f"round {rnd}: client {client.name} trains "
           + (f"from its saved round {resumed} state" if resumed else "from a fresh state"), flush=True)
-    global_state = {k: v.to(node.device) for k, v in from_arrays(msg.content.array_records[ARRAYS]).items()}
-    node.strategy.begin_round(rnd, node.model, global_state, [client])
+    global_state = arrays_on(msg, ARRAYS, node.device)
+    start_round(node.strategy, rnd, node.model, global_state, [client], arrays_on(msg, PAYLOAD, node.device))
     result = local_update(client, node.model, node.strategy, global_state, node.opts, node.device, rnd=rnd)
     keep_local(client, node.strategy, result)
     node.save(client, rnd)
@@ -93,7 +111,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         out["baseline"] = baseline_scores(node.strategy, dataset, node.opts, node.device)
     entries = json.loads(config["entries"])
     if entries or config["latents"]:
-        global_state = {k: v.to(node.device) for k, v in from_arrays(msg.content.array_records[ARRAYS]).items()}
+        global_state = arrays_on(msg, ARRAYS, node.device)
         for _, name in entries:
             start = time.perf_counter()
             client = node.client(name) if name else None

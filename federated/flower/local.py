@@ -258,8 +258,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{APP_DIR}: no pyproject.toml; run {PROG} from a fedrecon source checkout "
                             "(`flwr run` builds the Flower app from it)")
         opts = resolve_options(opts, argv, log)
-        check_flower_support(opts)
-        STRATEGIES[opts.strategy](opts)
+        check_flower_support(opts, STRATEGIES[opts.strategy](opts))
         RunDir(Path(opts.save_dir), vars(opts), resume=bool(opts.continues), overwrite=opts.overwrite)
         registry, synthetic_root = resolve_registry(opts)
         sites = parse_site_list(opts.train_dataset, registry, "--train_dataset")

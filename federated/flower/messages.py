@@ -4,7 +4,11 @@ Every instruction's `config` carries the study (`study_config`: the run's resolv
 its id, training sites and target site). A train instruction adds the global weights (`arrays`,
 every entry of the global state_dict), the client's name and the round; the reply
 carries only the entries the strategy aggregates (`arrays`) and `metrics` (`num-examples`, `loss`,
-`seconds` of the node's work and the strategy's logged values as `log.<name>`). Tensors travel as numpy arrays (`np.save`
+`seconds` of the node's work and the strategy's logged values as `log.<name>`). A train instruction
+also carries the round's `payload` when the strategy has one (`Strategy.round_payload`, e.g.
+FedMRI's last encoders, FL-MRCM's target bank). A context instruction (`query.context`) asks a
+site for its start-of-round work (`Strategy.site_context`) with the global weights and a `seed`;
+its reply carries only what that returns (`context`). Tensors travel as numpy arrays (`np.save`
 bytes): float32 and int64 round-trip bit for bit.
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 State = dict[str, torch.Tensor]
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+ARRAYS, CONFIG, METRICS, PAYLOAD, CONTEXT = "arrays", "config", "metrics", "payload", "context"
 LOG_PREFIX = "log."
 
 # Message types the ClientApp answers (flwr routes "<kind>.<action>" to @app.<kind>("<action>")).
@@ -27,6 +31,7 @@ SITE_QUERY = "query.site"          # which site is this node?
 CLIENTS_QUERY = "query.clients"    # its clients in this study and their training slices
 TRAIN = "train"                    # one client's local update
 EVALUATE = "evaluate"              # validation scores, latents, zero-filled scores on the node's site
+CONTEXT_QUERY = "query.context"    # the site's start-of-round work with its own data
 
 
 def to_arrays(state: State) -> ArrayRecord:
@@ -52,9 +57,26 @@ def study_config(opts: argparse.Namespace, study_id: str, train_sites: list[str]
             "test_site": test_site}
 
 
-def train_content(global_state: State, study: dict, client: str, rnd: int) -> RecordDict:
-    return RecordDict({ARRAYS: to_arrays(global_state),
-                       CONFIG: ConfigRecord({**study, "client": client, "round": rnd})})
+def train_content(global_state: State, study: dict, client: str, rnd: int, payload: State) -> RecordDict:
+    records = {ARRAYS: to_arrays(global_state), CONFIG: ConfigRecord({**study, "client": client, "round": rnd})}
+    if payload:
+        records[PAYLOAD] = to_arrays(payload)
+    return RecordDict(records)
+
+
+def context_content(global_state: State, study: dict, rnd: int, seed: int) -> RecordDict:
+    return RecordDict({ARRAYS: to_arrays(global_state), CONFIG: ConfigRecord({**study, "round": rnd, "seed": seed})})
+
+
+def check_context_reply(content: RecordDict) -> str | None:
+    """None when a context reply is usable (a `context` record, every floating value finite)."""
+    if CONTEXT not in content.array_records:
+        return f"the reply has no '{CONTEXT}'"
+    for key, value in content.array_records[CONTEXT].items():
+        v = value.numpy()
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            return f"'{key}' holds non-finite values"
+    return None
 
 
 def train_reply_content(shared: State, num_examples: int, loss: float, logs: dict[str, float],

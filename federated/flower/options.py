@@ -1,4 +1,5 @@
-"""The flags a Flower study adds to `main_fl_mr.py`'s, and which methods run on Flower.
+"""The flags a Flower study adds to `main_fl_mr.py`'s, and the check that a study can run on Flower
+(each method says why it cannot, if it cannot: `Strategy.federation_refusal`).
 
 They are kept out of the run's options.json: how long the server waits is not part of what was
 trained, and a run may be continued with other values.
@@ -6,23 +7,15 @@ trained, and a run may be continued with other values.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from options import parse_options
 from utils.errors import UserError
 
-FLOWER_FLAGS = ("node_wait", "reply_timeout", "insecure")
+if TYPE_CHECKING:
+    from federated.strategies.base import Strategy
 
-# Methods whose exchange the Flower messages cannot carry yet, and why (one line each).
-NOT_YET = {
-    "mrcm": "FL-MRCM needs the target site's latents (features) or images at every source client "
-            "each round; that exchange is not carried yet",
-    "fedmri": "FedMRI's contrastive term needs every client's last encoder at each client; "
-              "not carried yet",
-    "pfl": "pFLSynth-style codes need the list of all sites when each node builds its model; "
-           "not carried yet",
-    "central": "pooling every site's data in one client is what a federation avoids",
-}
+FLOWER_FLAGS = ("node_wait", "reply_timeout", "insecure")
 
 
 def add_flower_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +40,10 @@ def parse_flower_options(argv: Sequence[str], prog: str) -> tuple[argparse.Names
     return opts, flower
 
 
-def check_flower_support(opts: argparse.Namespace) -> None:
-    if opts.strategy in NOT_YET:
-        raise UserError(f"--strategy {opts.strategy} does not run on Flower yet: {NOT_YET[opts.strategy]}")
+def check_flower_support(opts: argparse.Namespace, strategy: Strategy) -> None:
+    """One line on why this study cannot run on Flower (the method's own `federation_refusal`)."""
+    if why := strategy.federation_refusal():
+        raise UserError(why)
     if opts.phase != "train":
         raise UserError("--phase test does not run on Flower yet (a Flower run's client state is on the "
                         "SuperNodes, not in its checkpoint)")

@@ -25,9 +25,9 @@ from federated.cli import resolve_options, resume_command
 from federated.client import Client
 from federated.exchange import ClientUpdate, Evaluation, LeftOut, PlanEntry, shared_entries
 from federated.experiment import Experiment
-from federated.flower.messages import (ARRAYS, CLIENTS_QUERY, CONFIG, EVALUATE, METRICS, SITE_QUERY, TRAIN,
-                                       check_train_reply, from_arrays, reply_logs, study_config,
-                                       to_arrays, train_content)
+from federated.flower.messages import (ARRAYS, CLIENTS_QUERY, CONFIG, CONTEXT, CONTEXT_QUERY, EVALUATE, METRICS,
+                                       SITE_QUERY, TRAIN, check_context_reply, check_train_reply, context_content,
+                                       from_arrays, reply_logs, study_config, to_arrays, train_content)
 from federated.flower.options import check_flower_support, parse_flower_options
 from federated.server import RunStopped, run_study
 from federated.strategies import STRATEGIES
@@ -56,15 +56,15 @@ def serve(grid: Grid, argv: list[str]) -> int:
     log = Console(quiet=opts.quiet, verbose=opts.verbose)
     try:
         opts = resolve_options(opts, argv, log)
-        check_flower_support(opts)
         strategy = STRATEGIES[opts.strategy](opts)
+        check_flower_support(opts, strategy)
         run = RunDir(Path(opts.save_dir), vars(opts), resume=bool(opts.continues), overwrite=opts.overwrite)
         seed_everything(opts.seed)
         exchange = FlowerExchange(grid, strategy, opts, flower, log)
         exp = exchange.connect()
         log.info("clients: " + ", ".join(f"{c.name} ({c.num_slices} slices)" for c in exp.clients)
                  + f"; target site {exp.test_site}; {len(exchange.sites)} SuperNodes")
-        model = strategy.build_model(exp.clients)
+        model = strategy.build_model(exp.train_sites)
         if opts.pretrained:
             exp.task.load_pretrained(model, Path(opts.pretrained))
         run_study(run, exp, model, strategy, exchange, opts, log)
@@ -156,7 +156,35 @@ class FlowerExchange:
         return self.exp
 
     # ---- the round -------------------------------------------------------------------------------
-    def train(self, rnd: int, global_state: State, clients: list[Client]) -> list[ClientUpdate | LeftOut]:
+    def site_contexts(self, rnd: int, global_state: State, seeds: dict[str, int]) -> dict[str, State]:
+        """Each site's start-of-round work, on its own node: the server sends the global weights and
+        the seed and receives only the tensors `Strategy.site_context` returns."""
+        if not seeds:
+            return {}
+        self._refresh()
+        outgoing = []
+        for site, seed in seeds.items():
+            nid = self.node_of(site)
+            if nid is None:
+                raise RunStopped(f"round {rnd}: no SuperNode of site {site} is connected, and the round needs "
+                                 f"its start-of-round work ({self.strategy.name})")
+            outgoing.append((site, Message(context_content(global_state, self.study, rnd, seed), dst_node_id=nid,
+                                           message_type=CONTEXT_QUERY, group_id=str(rnd))))
+        out = {}
+        for site, reply in self._send(outgoing, self.flower.reply_timeout).items():
+            if reply is None:
+                problem = f"no reply within --reply_timeout {self.flower.reply_timeout:g} s"
+            elif reply.has_error():
+                problem = reply.error.reason or f"error {reply.error.code}"
+            else:
+                problem = check_context_reply(reply.content)
+            if problem:
+                raise RunStopped(f"round {rnd}: site {site}'s start-of-round work failed: {problem}")
+            out[site] = from_arrays(reply.content.array_records[CONTEXT])
+        return out
+
+    def train(self, rnd: int, global_state: State, clients: list[Client],
+              payload: State) -> list[ClientUpdate | LeftOut]:
         self.round = rnd
         self._refresh()
         outcome: dict[str, ClientUpdate | LeftOut] = {}
@@ -166,8 +194,8 @@ class FlowerExchange:
             if nid is None:
                 outcome[c.name] = LeftOut(c, f"no SuperNode of site {c.site} is connected")
                 continue
-            outgoing.append((c.name, Message(train_content(global_state, self.study, c.name, rnd), dst_node_id=nid,
-                                             message_type=TRAIN, group_id=str(rnd))))
+            content = train_content(global_state, self.study, c.name, rnd, payload)
+            outgoing.append((c.name, Message(content, dst_node_id=nid, message_type=TRAIN, group_id=str(rnd))))
         expected = shared_entries(self.strategy, global_state)
         by_name = {c.name: c for c in clients}
         for name, reply in self._send(outgoing, self.flower.reply_timeout).items():

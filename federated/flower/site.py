@@ -17,7 +17,7 @@ from pathlib import Path
 
 from federated.client import Client
 from federated.exchange import client_checkpoint, restore_client
-from federated.experiment import Experiment, eval_set, resolve_registry, site_clients
+from federated.experiment import Experiment, eval_set, resolve_registry, site_clients, site_train_set
 from federated.server import resolve_device
 from federated.strategies import STRATEGIES
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -61,7 +61,7 @@ class SiteNode:
         task = self.strategy.task
         self.clients = site_clients(task, opts, registry, train_sites, self.site) if self.site in train_sites else []
         self.exp = Experiment(task, registry, self.clients, train_sites, study["test_site"], [self.site], None)
-        self.model = self.strategy.build_model(self.clients).to(self.device)
+        self.model = self.strategy.build_model(train_sites).to(self.device)
         self.strategy.prepare(self.exp, self.model, self.device)
         for c in self.clients:
             self.strategy.init_client(c, self.model)
@@ -75,6 +75,10 @@ class SiteNode:
 
     def val_set(self):
         return eval_set(self.exp, self.site, "val", self.opts)
+
+    def train_set(self):
+        """All of the site's training slices, for the strategy's start-of-round work."""
+        return site_train_set(self.exp, self.site, self.opts)
 
     # ---- the clients' state on this node's disk ------------------------------------------------
     def _saved_rounds(self, client: Client) -> dict[int, Path]:

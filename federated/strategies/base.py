@@ -4,8 +4,14 @@ A method is one subclass in its own file plus one line in `federated/strategies/
 server calls the hooks in this order each round:
 
     prepare, init_client (once) ->
-    begin_round -> for each selected client: [local_state -> training_loss per batch -> end_local]
-    -> aggregate -> end_round -> evaluation through eval_state
+    context_sites -> site_context (where each such site's data is) -> round_payload (server) ->
+    load_round_payload -> begin_round -> for each selected client: [local_state -> training_loss
+    per batch -> end_local] -> aggregate -> end_round -> evaluation through eval_state
+
+What a round carries besides the global weights goes through two hook pairs, the same in this
+process and on Flower (`federated/exchange.py`): `context_sites`/`site_context` (work a site does
+with its own data at the start of a round; only what it returns leaves the site) and
+`round_payload`/`load_round_payload` (what every selected client needs this round).
 
 The base class is FedAvg: everything shared, weights uniform or by slices, the task's loss, one
 global model evaluated everywhere. What is learned (model, sample, loss, optimiser) is the run's task
@@ -61,7 +67,10 @@ class Strategy:
         """Add this method's own flags to the shared parser."""
 
     # ---- model and partition of its weights --------------------------------------------------
-    def build_model(self, clients: list[Client]) -> nn.Module:
+    def build_model(self, sites: list[str]) -> nn.Module:
+        """The model, for a study whose clients train on `sites` (the training sites, in the
+        clients' order; personalised methods code them). The same everywhere: a Flower node knows
+        the study's training sites, not the other sites' clients."""
         return self.task.build_model()
 
     def is_shared(self, key: str) -> bool:
@@ -108,6 +117,33 @@ class Strategy:
         if self.schedule_per_epoch:
             return (rnd - 1) * self.opts.local_ep + epoch, total
         return rnd - 1, total
+
+    # ---- what travels each round besides the global weights -----------------------------------
+    def context_sites(self, rnd: int, exp: Experiment) -> dict[str, int]:
+        """Server side, once per round `rnd` before the clients train: the sites that do work with
+        their own training data first (`site_context`), each with the seed it uses. Seeds are drawn
+        here from the method's own generators, so `state_dict` checkpoints the draws. Default: none."""
+        return {}
+
+    def site_context(self, rnd: int, model: nn.Module, global_state: State, dataset, seed: int) -> State:
+        """Where a site's data is (this process, or the site's Flower node): that site's work at the
+        start of round `rnd` with the current global weights on `dataset`, its training slices
+        (`federated.experiment.site_train_set`). Only the returned tensors leave the site."""
+        return {}
+
+    def round_payload(self, rnd: int, contexts: dict[str, State]) -> State:
+        """Server side, before the clients train in round `rnd`: tensors every selected client needs
+        this round besides the global weights (`contexts`: each context site's `site_context`)."""
+        return {}
+
+    def load_round_payload(self, payload: State) -> None:
+        """Client side, before `begin_round`: take what `round_payload` returned (on the device of
+        the model)."""
+
+    def federation_refusal(self) -> str | None:
+        """None when the method runs with each site's data on its own machine (Flower); otherwise
+        one line for the user, naming the flag, on why not."""
+        return None
 
     # ---- the round ---------------------------------------------------------------------------
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:

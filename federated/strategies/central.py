@@ -14,3 +14,7 @@ class Central(Strategy):
 
     def arrange_clients(self, groups: list[list[Any]]) -> list[list[Any]]:
         return [[spec for group in groups for spec in group]]
+
+    def federation_refusal(self) -> str | None:
+        return ("--strategy central does not run on Flower: it pools every training site's images in one "
+                "client, which is what a federation avoids")

@@ -47,8 +47,8 @@ class FedMRI(Strategy):
     def is_shared(self, key: str) -> bool:
         return self.task.is_encoder(key)
 
-    def build_model(self, clients) -> nn.Module:
-        model = super().build_model(clients)
+    def build_model(self, sites: list[str]) -> nn.Module:
+        model = super().build_model(sites)
         self.param_keys = [k for k, _ in model.named_parameters() if self.is_shared(k)]
         return model
 
@@ -69,6 +69,13 @@ class FedMRI(Strategy):
         """Remembers the clients' encoders (the negatives of next round), then averages them."""
         self.previous = {k: torch.stack([s[k] for s in client_states]) for k in self.param_keys}
         return super().aggregate(global_state, client_states, weights)
+
+    def round_payload(self, rnd: int, contexts: dict) -> State:
+        """Every client needs the encoders the clients sent last round (none in round 1)."""
+        return dict(self.previous)
+
+    def load_round_payload(self, payload: State) -> None:
+        self.previous = dict(payload)
 
     def state_dict(self) -> dict:
         return {"previous": self.previous}

@@ -8,8 +8,10 @@ A client that is itself the target site trains with the supervised loss only, as
 `--mrcm_target images` (the paper's simulation): each source reads unlabelled target images and the
 adversarial gradient moves the encoder on both sources' and target's images.
 `--mrcm_target features`: at the start of each round the target site encodes its images with the
-current global model and shares only the pooled latent vectors; no target image leaves the target
-site, and only the source latents are pulled towards the (fixed for the round) target latents.
+current global model and shares only the pooled latent vectors (`site_context`, run where the
+target's data is: in this process, or on the target's own Flower node); the server forwards that
+bank to the source clients (`round_payload`). No target image leaves the target site, and only the
+source latents are pulled towards the (fixed for the round) target latents.
 """
 from __future__ import annotations
 
@@ -20,11 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.mri_data import subsample_volumes
 from federated import distributed
 from federated.client import Client, make_loader
 from federated.domain_gap import pooled_latents
-from federated.experiment import Experiment, site_dataset
+from federated.experiment import Experiment, site_train_set
 from federated.strategies.base import State, Strategy
 from models.discriminator import LatentDiscriminator, pool_latent
 from utils.errors import UserError
@@ -42,6 +43,9 @@ class MRCM(Strategy):
         if not self.task.has_latent:
             raise UserError(f"--strategy mrcm aligns a latent of the model; the {self.task.name} task "
                             "defines none yet: choose another --strategy")
+        # Draws the seed of each round's target bank (server side in features mode).
+        self.bank_generator = torch.Generator().manual_seed(_seed(opts.seed, "bank"))
+        self.bank: torch.Tensor | None = None
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -57,15 +61,11 @@ class MRCM(Strategy):
                            help="with --mrcm_target features: latent vectors the target shares per round")
 
     def prepare(self, exp: Experiment, model: nn.Module, device: torch.device) -> None:
-        o = self.opts
         self.device = device
         self.target_site = exp.test_site
-        site = exp.registry[exp.test_site]
-        files = subsample_volumes(site.files(o.sequence, "train"), o.sample_rate, o.seed)
-        # Undersampled like any training input; only the model inputs are read, never the target.
-        self.target_images = site_dataset(self.task, site, files, o, train=True)
-        self.bank_generator = torch.Generator().manual_seed(_seed(o.seed, "bank"))
-        self.bank: torch.Tensor | None = None
+        if self.opts.mrcm_target == "images":
+            # Undersampled like any training input; only the model inputs are read, never the target.
+            self.target_images = site_train_set(exp, exp.test_site, self.opts)
 
     def is_source(self, client: Client) -> bool:
         return client.site != self.target_site
@@ -103,12 +103,34 @@ class MRCM(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.bank_generator.set_state(state["bank_generator"])
 
+    def federation_refusal(self) -> str | None:
+        if self.opts.mrcm_target == "images":
+            return ("--mrcm_target images does not run on Flower: every source client would read the target "
+                    "site's images; use --mrcm_target features (only pooled latent vectors leave the target)")
+        return None
+
+    def context_sites(self, rnd: int, exp: Experiment) -> dict[str, int]:
+        if self.opts.mrcm_target != "features":
+            return {}
+        return {exp.test_site: int(torch.randint(2**31 - 1, (1,), generator=self.bank_generator))}
+
+    def site_context(self, rnd: int, model: nn.Module, global_state: State, dataset, seed: int) -> State:
+        """The target's bank: (N, 4C) pooled latents of the global model on its first --mrcm_bank
+        training slices, masks drawn from `seed`."""
+        model.load_state_dict(global_state)
+        dataset.set_epoch(seed)
+        device = next(model.parameters()).device
+        return {"bank": pooled_latents(self.task, model, dataset, device, self.opts.mrcm_bank, self.opts.local_bs)}
+
+    def round_payload(self, rnd: int, contexts: dict[str, State]) -> State:
+        # Features mode has one context site, the target; its bank goes to every source client.
+        return {"bank": context["bank"] for context in contexts.values()}
+
+    def load_round_payload(self, payload: State) -> None:
+        if "bank" in payload:
+            self.bank = payload["bank"].to(self.device)
+
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list[Client]) -> None:
-        if self.opts.mrcm_target == "features":
-            model.load_state_dict(global_state)
-            self.target_images.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=self.bank_generator)))
-            self.bank = pooled_latents(self.task, model, self.target_images, self.device, self.opts.mrcm_bank,
-                                       self.opts.local_bs)
         for client in clients:
             if self.is_source(client) and self.opts.mrcm_target == "images":
                 client.extra["target_batches"] = self._target_batches(client.extra["target_generator"])

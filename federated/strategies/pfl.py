@@ -41,8 +41,8 @@ class PersonalizedFL(Strategy):
                                 "slices as in pFLSynth (--weighting does not apply). "
                                 + "; ".join(f"{k}: {v}" for k, v in SHARED_STAGES.items()))
 
-    def build_model(self, clients: list[Client]) -> nn.Module:
-        self.sites = list(dict.fromkeys(c.site for c in clients))
+    def build_model(self, sites: list[str]) -> nn.Module:
+        self.sites = list(sites)
         o = self.opts
         model = self.task.build_personalized_model(len(self.sites))
         stages = model.stages()

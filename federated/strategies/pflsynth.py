@@ -46,8 +46,8 @@ class PFLSynth(Strategy):
                            help="residual blocks averaged (the last ones, with the decoder and the mapper); "
                                 "pFLSynth: 4 of 9")
 
-    def build_model(self, clients: list[Client]) -> nn.Module:
-        self.sites = list(dict.fromkeys(c.site for c in clients))
+    def build_model(self, sites: list[str]) -> nn.Module:
+        self.sites = list(sites)
         return self.task.build_pflsynth_model(len(self.sites))
 
     def is_shared(self, key: str) -> bool:
