@@ -40,6 +40,13 @@ class Strategy:
     # Augmentation schedules (MRAugment's p(t)) step once per round, as every client follows the
     # global round; methods that exchange nothing step them once per local epoch, as MRAugment does.
     schedule_per_epoch = False
+    # Why sample-level DP-SGD (--dpsgd_noise) would be wrong with this method (None: it is not). Opacus
+    # clips per-sample gradients it sees through the model's layers; a loss term on the weights
+    # themselves (a proximal or contrastive term) or a second model trained on the data is outside
+    # that, and DP-SGD would silently drop or leak it. Such methods refuse in one line.
+    dpsgd_refusal: str | None = None
+    # Client-level DP (--dp_clip) needs a federation of updates to clip; None: this method has one.
+    client_dp_refusal: str | None = None
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts

@@ -27,6 +27,8 @@ EPS = 1e-8
 
 class FedMRI(Strategy):
     name = "fedmri"
+    dpsgd_refusal = ("its contrastive term is a loss on the weights that Opacus's per-sample clipping does "
+                     "not see (it would be dropped); use --strategy fedavg or fedbn")
     summary = ("FedMRI: shared encoder, a decoder per client, weight-space contrastive term "
                "towards the global encoder")
     personalized = True

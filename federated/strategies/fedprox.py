@@ -17,6 +17,8 @@ from utils.errors import UserError
 class FedProx(Strategy):
     name = "fedprox"
     summary = "FedProx: FedAvg plus a proximal term mu/2 * ||w - w_global||^2 on every local step"
+    dpsgd_refusal = ("its proximal term is a loss on the weights that Opacus's per-sample clipping does not "
+                     "see (it would be dropped); use --strategy fedavg")
 
     def __init__(self, opts: argparse.Namespace):
         super().__init__(opts)
