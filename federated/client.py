@@ -98,6 +98,7 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
+    from federated.strategies.base import with_weight_term  # here: the strategies import this module
     # DP-SGD (--dpsgd_noise): per-sample clipping and noise on every step, Poisson batches (None
     # for an empty draw: a noise-only step); refused under torchrun, so `group` is inactive then.
     with dpsgd.private_training(client, model, optimizer, opts, device) as private:
@@ -117,17 +118,27 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
                 batches = ((samples, 1.0) for samples in loader)
             for samples, share in _failures_deferred(batches, group.active):
                 if samples is None:
-                    private.empty_step()
+                    private.empty_step(strategy.weight_term(client, model)[0])
                     continue
                 group.share = share
                 failure = samples if isinstance(samples, Exception) else None
                 try:
                     if failure is None:
                         batch = task.to_device(samples, device)
-                        with autocast(opts, device):
-                            loss, logs = strategy.training_loss(client, model, batch)
-                        step_optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        if private is None:
+                            with autocast(opts, device):
+                                loss, logs = strategy.training_loss(client, model, batch)
+                            step_optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                        else:
+                            # DP-SGD: only the data loss goes through the per-sample clipping; the
+                            # method's weight term (reading no data) is added after the noise.
+                            data, logs = strategy.data_loss(client, model, batch)
+                            term, term_logs = strategy.weight_term(client, model)
+                            loss, logs = with_weight_term(data.detach(), logs, None if term is None else term.detach(),
+                                                          term_logs)
+                            step_optimizer.zero_grad(set_to_none=True)
+                            data.backward()
                 except Exception as e:
                     if not group.active:
                         raise
@@ -137,7 +148,7 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
                 if failure is not None:
                     raise failure
                 if private is not None:
-                    private.step()
+                    private.step(term)
                 else:
                     optimizer.step()
                 # Kept on the device: no host sync per step.

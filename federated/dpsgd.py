@@ -23,8 +23,11 @@ Supported: the U-Net task with `--norm instance` (no parameters in its norm laye
 `instance_affine` (Opacus has a per-sample rule for affine InstanceNorm). `--norm batch` mixes
 samples within a batch and Opacus's ModuleValidator refuses it. Opacus's backward hooks refuse an
 in-place write to a hooked layer's output (affine InstanceNorm, then LeakyReLU(inplace=True), raises),
-so during DP-SGD the model's LeakyReLUs run out of place (same values; restored afterwards). Tasks and strategies refuse in one line where DP-SGD
-would be wrong or fails (`Task.dpsgd_refusal`, `Strategy.dpsgd_refusal`).
+so during DP-SGD the model's LeakyReLUs run out of place (same values; restored afterwards). Tasks
+and strategies refuse in one line where DP-SGD would be wrong or fails (`Task.dpsgd_refusal`, `Strategy.dpsgd_refusal`). A method's loss term on the
+weights alone (FedProx's proximal term, FedMRI's contrastive term: `Strategy.weight_term`) is not
+per-sample: Opacus would drop it, so its gradient is added after the noise (it reads no data, so the
+step stays private) and the method's objective is kept.
 """
 from __future__ import annotations
 
@@ -162,17 +165,26 @@ class PrivateTraining:
         return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none,
                                num_workers=num_workers, pin_memory=device.type == "cuda"))
 
-    def step(self) -> None:
-        """Clip, sum, noise, scale and step (after backward on a batch); accounts the step."""
-        self.optimizer.step()
+    def step(self, weight_term: torch.Tensor | None = None) -> None:
+        """Clip, sum, noise and scale the per-sample gradients (after backward on a batch's data
+        loss), add the gradient of the method's `weight_term` (a loss on the weights alone, reading
+        no data: `Strategy.weight_term`), and step the task's optimiser; accounts the step."""
+        params = self.optimizer.params
+        extra = (torch.autograd.grad(weight_term, params, allow_unused=True)
+                 if weight_term is not None else [None] * len(params))
+        if self.optimizer.pre_step():  # p.grad = (sum of clipped per-sample gradients + noise) / (q N)
+            for p, g in zip(params, extra):
+                if g is not None:
+                    p.grad += g
+            self.optimizer.original_optimizer.step()
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.sample_rate)
 
-    def empty_step(self) -> None:
-        """The step of an empty Poisson draw: noise only (zero per-sample gradients)."""
+    def empty_step(self, weight_term: torch.Tensor | None = None) -> None:
+        """The step of an empty Poisson draw: noise only (zero per-sample gradients), plus the weight term's gradient."""
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        self.step()
+        self.step(weight_term)
 
     def history(self) -> list:
         return [list(h) for h in self.accountant.history]

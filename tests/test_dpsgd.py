@@ -205,8 +205,6 @@ def test_epsilon_per_client_is_opacus_and_resume_is_the_same_run(tiny_root, tmp_
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--norm", "batch"], "--norm batch: Opacus cannot train"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--model", "varnet"], "--model varnet with DP-SGD"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--task", "synthesis"], "--task synthesis with DP-SGD"),
-    (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--strategy", "fedprox"], "--strategy fedprox with DP-SGD"),
-    (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--strategy", "fedmri"], "--strategy fedmri with DP-SGD"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--strategy", "mrcm"], "--strategy mrcm with DP-SGD"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--strategy", "pfl"], "--strategy pfl with DP-SGD"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--amp", "bf16"], "--amp bf16: not supported with DP-SGD"),
@@ -229,12 +227,49 @@ def test_dpsgd_under_torchrun_is_refused():
         check_dpsgd_options(opts, TASKS["unet"](opts), STRATEGIES["fedavg"], under_torchrun=True)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedbn", "local", "central"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbn", "local", "central", "fedprox", "fedmri"])
 def test_dpsgd_runs_with_the_supported_strategies(tiny_root, tmp_path, strategy):
     run = tmp_path / "run"
     norm = ["--norm", "instance_affine"] if strategy == "fedbn" else []
-    assert run_cli(TINY_RUN + ["--data_root", str(tiny_root), "--save_dir", str(run), "--strategy", strategy]
-                   + DPSGD + norm) == 0
+    assert run_cli(TINY_RUN + ["--data_root", str(tiny_root), "--save_dir", str(run), "--strategy", strategy,
+                               "--epochs", "2"] + DPSGD + norm) == 0
     rows = epsilon_rows(run)
     clients = {"central": 1}.get(strategy, 2)
-    assert len(rows) == clients and all(float(r["epsilon"]) > 0 for r in rows)
+    assert len(rows) == 2 * clients and all(float(r["epsilon"]) > 0 for r in rows)
+    if strategy in ("fedprox", "fedmri"):  # the weight term is there in round 2 (FedMRI's from round 2 on)
+        with open(run / "metrics.csv") as f:
+            train = [r for r in csv.DictReader(f) if r["split"] == "train" and r["round"] == "2"]
+        term = {"fedprox": "prox", "fedmri": "contrastive"}[strategy]
+        assert all(float(r[term]) > 0 and float(r["recon_loss"]) > 0 for r in train)
+
+
+def test_weight_term_gradient_is_added_after_the_noise():
+    """FedProx's proximal term under DP-SGD: with noise 0 and a large clip the step is the plain step
+    on data loss + term, so the term is neither dropped nor clipped."""
+    model, image, target = model_and_batch("instance")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    anchor = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.named_parameters()}
+    mu = 3.0
+
+    def term():
+        return mu / 2 * sum((p - anchor[k]).square().sum() for k, p in model.named_parameters())
+
+    def one_step(private: bool, with_term: bool = True) -> dict:
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if private:
+            with PrivateTraining(model, opt, 2 * B, dp_opts(0.0, 1e6), torch.Generator().manual_seed(0), None,
+                                 torch.device("cpu")) as p:
+                p.optimizer.zero_grad(set_to_none=True)
+                F.l1_loss(model(image), target).backward()
+                p.step(term() if with_term else None)
+        else:
+            opt.zero_grad(set_to_none=True)
+            (F.l1_loss(model(image), target) + term()).backward()
+            opt.step()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    a, b, dropped = one_step(True), one_step(False), one_step(True, with_term=False)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert any((dropped[k] - b[k]).abs().max() > 1e-3 for k in a)  # the term matters at this mu
