@@ -5,7 +5,7 @@ One local step, over the client's trainable parameters (the shared and the local
 
     batch     = Poisson sample: every training slice joins with probability q, independently
     g_i       = per-sample gradient of slice i's loss (Opacus's GradSampleModule hooks)
-    grad      = (sum_i g_i * min(1, clip / ||g_i||_2) + N(0, (noise * clip)^2 I)) / (q * N)
+    grad      = (sum_i g_i * min(1, clip / ||g_i||_2) + N(0, (noise * clip)^2 I)) / int(q * N)
     then the task's optimiser (RMSprop or Adam) steps with `grad`.
 
 Sampling is Opacus's `UniformWithReplacementSampler` (what `DPDataLoader` uses) driven by the
@@ -17,17 +17,20 @@ checkpoints, so epsilon after a resume is that of the uninterrupted run.
 
 What epsilon means: the client's released model sequence is (epsilon, delta)-DP with respect to
 adding or removing one of *that client's* training slices (one slice, not one patient: a volume's
-slices are separate records). Clients' guarantees are separate (their data are disjoint).
+slices are separate records). Clients' guarantees are separate (their data are disjoint). The noise
+is drawn from a seeded torch generator (reproducible runs), not Opacus's `secure_mode`.
 
 Supported: the U-Net task with `--norm instance` (no parameters in its norm layers) or
 `instance_affine` (Opacus has a per-sample rule for affine InstanceNorm). `--norm batch` mixes
 samples within a batch and Opacus's ModuleValidator refuses it. Opacus's backward hooks refuse an
 in-place write to a hooked layer's output (affine InstanceNorm, then LeakyReLU(inplace=True), raises),
-so during DP-SGD the model's LeakyReLUs run out of place (same values; restored afterwards). Tasks
-and strategies refuse in one line where DP-SGD would be wrong or fails (`Task.dpsgd_refusal`, `Strategy.dpsgd_refusal`). A method's loss term on the
-weights alone (FedProx's proximal term, FedMRI's contrastive term: `Strategy.weight_term`) is not
-per-sample: Opacus would drop it, so its gradient is added after the noise (it reads no data, so the
-step stays private) and the method's objective is kept.
+so during DP-SGD the model's LeakyReLUs run out of place (same values; restored afterwards).
+
+A method's loss term on the weights alone (FedProx's proximal term, FedMRI's contrastive term:
+`Strategy.weight_term`) is not per-sample, and Opacus would drop it: its gradient is added after the
+clipping and noise (it reads no data, so the step stays private) and the method's objective is kept.
+Tasks and strategies where DP-SGD would be wrong or fails refuse in one line (`Task.dpsgd_refusal`,
+`Strategy.dpsgd_refusal`).
 """
 from __future__ import annotations
 
@@ -130,9 +133,11 @@ class PrivateTraining:
         # Noise from a generator of its own, seeded from the client's (checkpointed) generator.
         noise_seed = int(torch.randint(2**62, (1,), generator=generator))
         noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
-        self.optimizer = opacus.optimizers.DPOptimizer(optimizer, noise_multiplier=self.noise, max_grad_norm=self.clip,
-                                     expected_batch_size=max(1, int(num_samples * self.sample_rate)),
-                                     loss_reduction="mean", generator=noise_generator)
+        # Opacus's own expected batch (make_private's int(N * q)): the mean loss's gradient is divided by it.
+        self.optimizer = opacus.optimizers.DPOptimizer(
+            optimizer, noise_multiplier=self.noise, max_grad_norm=self.clip,
+            expected_batch_size=max(1, int(num_samples * self.sample_rate)), loss_reduction="mean",
+            generator=noise_generator)
         self.inplace: list[nn.Module] = []
         self.gsm = None  # the GradSampleModule while training
         self.quiet = warnings.catch_warnings()
@@ -160,8 +165,9 @@ class PrivateTraining:
 
     def batches(self, dataset: Dataset, num_workers: int, device: torch.device) -> Iterator:
         """One epoch of Poisson batches (None for an empty draw)."""
-        sampler = _opacus().utils.uniform_sampler.UniformWithReplacementSampler(num_samples=self.num_samples, sample_rate=self.sample_rate,
-                                                generator=self.generator, steps=self.steps_per_epoch)
+        poisson = _opacus().utils.uniform_sampler.UniformWithReplacementSampler
+        sampler = poisson(num_samples=self.num_samples, sample_rate=self.sample_rate, generator=self.generator,
+                          steps=self.steps_per_epoch)
         return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none,
                                num_workers=num_workers, pin_memory=device.type == "cuda"))
 
@@ -180,7 +186,8 @@ class PrivateTraining:
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.sample_rate)
 
     def empty_step(self, weight_term: torch.Tensor | None = None) -> None:
-        """The step of an empty Poisson draw: noise only (zero per-sample gradients), plus the weight term's gradient."""
+        """The step of an empty Poisson draw: noise only (zero per-sample gradients), plus the
+        gradient of the method's weight term."""
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

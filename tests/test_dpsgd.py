@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.synthetic import SyntheticConfig
 from federated.dpsgd import PrivateTraining, check_dpsgd_options, sampling
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS
