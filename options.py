@@ -11,6 +11,7 @@ import copy
 from typing import Callable, Sequence
 
 from data.augment import add_augment_arguments
+from federated.dpsgd import add_dpsgd_arguments
 from federated.privacy import add_privacy_arguments
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS, task_name
@@ -143,6 +144,7 @@ def build_parser(prog: str, default_strategy: str, description: str) -> argparse
         task.add_arguments(p.add_argument_group(f"{task.name} model"))
     add_augment_arguments(p.add_argument_group("augmentation (MRAugment)"))
     add_privacy_arguments(p.add_argument_group("differential privacy (client level, DP-FedAvg)"))
+    add_dpsgd_arguments(p.add_argument_group("differential privacy (sample level, DP-SGD with Opacus)"))
     for strategy in STRATEGIES.values():
         strategy.add_arguments(p.add_argument_group(f"{strategy.name} strategy"))
     return p

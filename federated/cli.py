@@ -43,6 +43,12 @@ def check_options(opts: argparse.Namespace) -> None:
     check_augment_options(opts, STRATEGIES[opts.strategy].schedule_per_epoch)
     from federated.privacy import check_privacy_options
     check_privacy_options(opts)
+    strategy = STRATEGIES[opts.strategy]
+    if opts.dp_clip is not None and strategy.client_dp_refusal:
+        raise UserError(f"--dp_clip with --strategy {opts.strategy}: {strategy.client_dp_refusal}; "
+                        "drop the --dp_ flags")
+    from federated.dpsgd import check_dpsgd_options
+    check_dpsgd_options(opts, TASKS[task_name(opts)](opts), strategy, distributed.current().active)
     if opts.num_workers < 0:
         raise UserError(f"--num_workers {opts.num_workers}: must be 0 or more")
     # Mask flags are checked where masks are made; make one now so a bad value fails before any work.

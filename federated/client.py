@@ -10,13 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from federated import distributed
+from federated import distributed, dpsgd
 from federated.precision import autocast
 
 if TYPE_CHECKING:
     from federated.strategies.base import Strategy
 
 State = dict[str, torch.Tensor]
+DPSGD_EPSILON = "dpsgd_epsilon"  # the key of a DP-SGD client's epsilon in LocalResult.logs
 
 
 class ClientFailure(RuntimeError):
@@ -40,6 +41,7 @@ class Client:
     optimizer_state: dict | None = None
     scheduler_state: dict | None = None
     extra: dict = field(default_factory=dict)  # the strategy's own per-client state
+    dpsgd_history: list | None = None  # DP-SGD: the client's RDP accountant history (federated/dpsgd.py)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LocalResult:
     logs: dict[str, float]
     optimizer_state: dict
     scheduler_state: dict
+    dpsgd_history: list | None = None  # DP-SGD: the accountant's history after this update
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
@@ -95,41 +98,66 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for epoch in range(opts.local_ep):
-        # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
-        # number of workers or processes.
-        client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
-        client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
-        if group.active:
-            batches = distributed.sharded_batches(group, client.dataset, opts.local_bs, client.generator,
-                                                  opts.num_workers, device)
-        else:
-            loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
-            batches = ((samples, 1.0) for samples in loader)
-        for samples, share in _failures_deferred(batches, group.active):
-            group.share = share
-            failure = samples if isinstance(samples, Exception) else None
-            try:
-                if failure is None:
-                    batch = task.to_device(samples, device)
-                    with autocast(opts, device):
-                        loss, logs = strategy.training_loss(client, model, batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-            except Exception as e:
-                if not group.active:
-                    raise
-                failure = e
-            # Under torchrun: this rank's gradient times its share of the batch, summed over ranks.
-            group.average_gradients(params, share, failure)
-            if failure is not None:
-                raise failure
-            optimizer.step()
-            # Kept on the device: no host sync per step.
-            loss_sum += loss.detach() * share
-            for k, v in logs.items():
-                log_sums[k] = log_sums.get(k, 0) + v * share
-            steps += 1
+    from federated.strategies.base import with_weight_term  # here: the strategies import this module
+    # DP-SGD (--dpsgd_noise): per-sample clipping and noise on every step, Poisson batches (None
+    # for an empty draw: a noise-only step); refused under torchrun, so `group` is inactive then.
+    with dpsgd.private_training(client, model, optimizer, opts, device) as private:
+        step_optimizer = private.optimizer if private is not None else optimizer
+        for epoch in range(opts.local_ep):
+            # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
+            # number of workers or processes.
+            client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
+            client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
+            if group.active:
+                batches = distributed.sharded_batches(group, client.dataset, opts.local_bs, client.generator,
+                                                      opts.num_workers, device)
+            elif private is not None:
+                batches = ((samples, 1.0) for samples in private.batches(client.dataset, opts.num_workers, device))
+            else:
+                loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
+                batches = ((samples, 1.0) for samples in loader)
+            for samples, share in _failures_deferred(batches, group.active):
+                if samples is None:
+                    private.empty_step(strategy.weight_term(client, model)[0])
+                    continue
+                group.share = share
+                failure = samples if isinstance(samples, Exception) else None
+                try:
+                    if failure is None:
+                        batch = task.to_device(samples, device)
+                        if private is None:
+                            with autocast(opts, device):
+                                loss, logs = strategy.training_loss(client, model, batch)
+                            step_optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                        else:
+                            # DP-SGD: only the data loss goes through the per-sample clipping; the
+                            # method's weight term (reading no data) is added after the noise.
+                            data, logs = strategy.data_loss(client, model, batch)
+                            term, term_logs = strategy.weight_term(client, model)
+                            loss, logs = with_weight_term(data.detach(), logs, None if term is None else term.detach(),
+                                                          term_logs)
+                            step_optimizer.zero_grad(set_to_none=True)
+                            data.backward()
+                except Exception as e:
+                    if not group.active:
+                        raise
+                    failure = e
+                # Under torchrun: this rank's gradient times its share of the batch, summed over ranks.
+                group.average_gradients(params, share, failure)
+                if failure is not None:
+                    raise failure
+                if private is not None:
+                    private.step(term)
+                else:
+                    optimizer.step()
+                # Kept on the device: no host sync per step.
+                loss_sum += loss.detach() * share
+                for k, v in logs.items():
+                    log_sums[k] = log_sums.get(k, 0) + v * share
+                steps += 1
+        dpsgd_history = private.history() if private is not None else None
+        dpsgd_epsilon = private.epsilon() if private is not None else None
     scheduler.step()
 
     if steps == 0:
@@ -143,10 +171,14 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     if not math.isfinite(mean_loss):
         raise ClientFailure(f"the training loss is {mean_loss}")
     strategy.end_local(client, model)
+    logs = {k: float(v) / steps for k, v in log_sums.items()}
+    if dpsgd_epsilon is not None:
+        logs[DPSGD_EPSILON] = dpsgd_epsilon  # not a mean over steps: the run's server makes it a privacy row
     return LocalResult(
         state={k: v.detach().clone() for k, v in model.state_dict().items()},
         loss=mean_loss,
-        logs={k: float(v) / steps for k, v in log_sums.items()},
+        logs=logs,
         optimizer_state=optimizer.state_dict(),  # the optimizer dies here: no copy needed
         scheduler_state=scheduler.state_dict(),
+        dpsgd_history=dpsgd_history,
     )

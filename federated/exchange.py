@@ -104,6 +104,7 @@ def keep_local(client: Client, strategy: Strategy, result: LocalResult) -> None:
     """After a successful local update: what the client keeps for its next round."""
     client.optimizer_state, client.scheduler_state = result.optimizer_state, result.scheduler_state
     client.local_weights = {k: v for k, v in result.state.items() if not strategy.is_shared(k)}
+    client.dpsgd_history = result.dpsgd_history
 
 
 def failure_reason(e: Exception) -> str:
@@ -116,13 +117,14 @@ def client_checkpoint(client: Client, strategy: Strategy) -> dict:
     --phase test needs to evaluate its model without the training data)."""
     return {"site": client.site, "local_weights": client.local_weights, "optimizer": client.optimizer_state,
             "scheduler": client.scheduler_state, "generator": client.generator.get_state(),
-            "extra": strategy.client_state(client)}
+            "extra": strategy.client_state(client), "dpsgd_history": client.dpsgd_history}
 
 
 def restore_client(client: Client, strategy: Strategy, saved: dict) -> None:
     client.local_weights = saved["local_weights"]
     client.optimizer_state, client.scheduler_state = saved["optimizer"], saved["scheduler"]
     client.generator.set_state(saved["generator"])
+    client.dpsgd_history = saved.get("dpsgd_history")  # absent in checkpoints from before DP-SGD
     strategy.load_client_state(client, saved["extra"])
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from federated import distributed
-from federated.client import Client
+from federated import distributed, dpsgd
+from federated.client import DPSGD_EPSILON, Client
 from federated.domain_gap import mmd2
 from federated.exchange import Exchange, InProcess, LeftOut
 from federated.experiment import Experiment, build_experiment, eval_set
@@ -73,8 +73,12 @@ def run_round(rnd: int, strategy: Strategy, state: RunState, selected: list[Clie
             log.warn(f"round {rnd}: client {client.name} (site {client.site}) left out of this round: {outcome.reason}")
             continue
         updates.append(outcome)
+        logs = dict(outcome.logs)
+        epsilon = logs.pop(DPSGD_EPSILON, None)
         rows.append({"round": rnd, "model": client.name, "site": client.site, "split": "train",
-                     "loss": outcome.loss, "seconds": outcome.seconds, **outcome.logs})
+                     "loss": outcome.loss, "seconds": outcome.seconds, **logs})
+        if epsilon is not None:
+            rows.append(dpsgd.epsilon_row(rnd, client.name, client.site, epsilon, opts.dp_delta))
         log.verbose(f"round {rnd}: client {client.name} loss {outcome.loss:.4f} "
                     + " ".join(f"{k} {v:.4f}" for k, v in outcome.logs.items()))
     if len(updates) < max(opts.min_clients, 1):
@@ -254,7 +258,8 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
             log.info(projection(rnd, opts.epochs, time.perf_counter() - start, rnd % opts.eval_every == 0,
                                 opts.eval_every))
     log.table(final_table(state.metrics, exp.eval_sites, strategy.name, exp.task.baseline_name)
-              + (f"\n{strategy.privacy.summary()}" if strategy.privacy is not None else ""))
+              + (f"\n{strategy.privacy.summary()}" if strategy.privacy is not None else "")
+              + (f"\n{dpsgd.summary(state.metrics, opts)}" if dpsgd.enabled(opts) else ""))
     return state
 
 

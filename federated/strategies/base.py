@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 State = dict[str, torch.Tensor]
 
 
+def with_weight_term(loss: torch.Tensor, logs: dict, term: torch.Tensor | None,
+                     term_logs: dict) -> tuple[torch.Tensor, dict]:
+    """The data loss plus a method's weight term; with a term (or its logs), `recon_loss` logs the data part."""
+    if term is None and not term_logs:
+        return loss, logs
+    return (loss if term is None else loss + term), {**logs, "recon_loss": loss.detach(), **term_logs}
+
+
 class Strategy:
     name = "fedavg"
     summary = "FedAvg (FL-MR): every client trains locally, all weights are averaged"
@@ -46,6 +54,13 @@ class Strategy:
     # Augmentation schedules (MRAugment's p(t)) step once per round, as every client follows the
     # global round; methods that exchange nothing step them once per local epoch, as MRAugment does.
     schedule_per_epoch = False
+    # Why sample-level DP-SGD (--dpsgd_noise) would be wrong with this method (None: it is not). Opacus
+    # clips the per-sample gradients it sees through the model's layers. A loss on the weights alone
+    # goes in `weight_term` (added after the noise); anything else outside `data_loss` (a second
+    # model trained on the data, a batch-wide input) would be dropped or leak: such methods refuse.
+    dpsgd_refusal: str | None = None
+    # Client-level DP (--dp_clip) needs a federation of updates to clip; None: this method has one.
+    client_dp_refusal: str | None = None
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts
@@ -151,12 +166,29 @@ class Strategy:
 
     def training_loss(self, client: Client, model: nn.Module,
                       batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for one local step on `batch` (on the device): the task's loss of this method's
-        forward pass.
+        """Loss for one local step on `batch` (on the device): `data_loss` plus `weight_term`.
 
         Returns the loss to minimise and detached values to log (averaged over the client's steps).
+        A method that overrides this with more than those two sets `dpsgd_refusal` (DP-SGD calls the
+        two parts itself: `federated/client.py`).
         """
+        loss, logs = self.data_loss(client, model, batch)
+        return with_weight_term(loss, logs, *self.weight_term(client, model))
+
+    def data_loss(self, client: Client, model: nn.Module,
+                  batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The part of the loss that reads the batch: the task's loss of this method's forward pass."""
         return self.task.training_loss(client, model, batch, lambda inputs: self.forward(model, inputs, client))
+
+    def weight_term(self, client: Client, model: nn.Module) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A loss on the weights alone, reading no data (FedProx's proximal term, FedMRI's contrastive
+        term), and its detached logs; (None, {}) without one.
+
+        Under DP-SGD its gradient is added after the per-sample clipping and noise: it depends only on
+        the current weights (outputs of earlier private steps) and on what the server released, so
+        the step stays private (post-processing), and the method's objective is kept.
+        """
+        return None, {}
 
     def end_local(self, client: Client, model: nn.Module) -> None:
         """Called after a client's local update succeeded, with the model holding its new weights."""

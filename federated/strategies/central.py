@@ -11,6 +11,8 @@ class Central(Strategy):
     name = "central"
     summary = "Central: all training sites pooled into one model (the upper bound, no federation)"
     schedule_per_epoch = True
+    client_dp_refusal = ("central pools every site into one client, so there is no federation to protect at "
+                         "client level; use --dpsgd_noise/--dpsgd_clip for sample-level DP")
 
     def arrange_clients(self, groups: list[list[Any]]) -> list[list[Any]]:
         return [[spec for group in groups for spec in group]]

@@ -55,15 +55,16 @@ class FedMRI(Strategy):
     def begin_round(self, rnd: int, model: nn.Module, global_state: State, clients: list) -> None:
         self.anchor = {k: global_state[k] for k in self.param_keys}
 
-    def training_loss(self, client, model, batch):
-        recon, logs = super().training_loss(client, model, batch)
-        if not self.previous:
-            return recon, {**logs, "recon_loss": recon.detach(), "contrastive": torch.zeros((), device=recon.device)}
+    def weight_term(self, client, model):
+        """The contrastive term, none in round 1 (under DP-SGD: added after the noise, see
+        `Strategy.weight_term`; the other clients' encoders are what the server released)."""
         params = dict(model.named_parameters())
+        if not self.previous:
+            return None, {"contrastive": torch.zeros((), device=next(iter(params.values())).device)}
         positive = sum((params[k] - self.anchor[k]).abs().sum() for k in self.param_keys)
         negative = sum((params[k].unsqueeze(0) - self.previous[k]).abs().sum() for k in self.param_keys)
         contrastive = self.opts.beta * positive / (negative + EPS)
-        return recon + contrastive, {**logs, "recon_loss": recon.detach(), "contrastive": contrastive.detach()}
+        return contrastive, {"contrastive": contrastive.detach()}
 
     def aggregate(self, global_state: State, client_states: list[State], weights: list[float]) -> State:
         """Remembers the clients' encoders (the negatives of next round), then averages them."""

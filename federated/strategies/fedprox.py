@@ -33,7 +33,7 @@ class FedProx(Strategy):
         # The global state is replaced, never modified in place, during the round: no copy needed.
         self.anchor = {k: global_state[k] for k, _ in model.named_parameters() if self.is_shared(k)}
 
-    def training_loss(self, client, model, batch):
-        recon, logs = super().training_loss(client, model, batch)
+    def weight_term(self, client, model):
+        """mu / 2 * ||w - w_global||^2 (under DP-SGD: added after the noise, see `Strategy.weight_term`)."""
         prox = sum((p - self.anchor[k]).square().sum() for k, p in model.named_parameters() if k in self.anchor)
-        return recon + self.opts.mu / 2 * prox, {**logs, "recon_loss": recon.detach(), "prox": prox.detach()}
+        return self.opts.mu / 2 * prox, {"prox": prox.detach()}

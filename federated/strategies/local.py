@@ -8,6 +8,7 @@ class Local(Strategy):
     summary = "Local: each client trains alone, no weights are exchanged (single-site baseline)"
     schedule_per_epoch = True
     personalized = True
+    client_dp_refusal = "local training exchanges nothing, so there is no client update to clip and noise"
 
     def is_shared(self, key: str) -> bool:
         return False

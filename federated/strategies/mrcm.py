@@ -35,6 +35,8 @@ SOURCE, TARGET = 0, 1  # discriminator classes
 
 class MRCM(Strategy):
     name = "mrcm"
+    dpsgd_refusal = ("its discriminator trains on the client's latents outside Opacus's per-sample clipping; "
+                     "use --strategy fedavg")
     summary = ("FL-MRCM: FedAvg + a local discriminator per source client aligning U-Net latents "
                "with the target site's")
 

@@ -29,6 +29,8 @@ SHARED_STAGES = {
 
 class PersonalizedFL(Strategy):
     name = "pfl"
+    dpsgd_refusal = ("its site code enters the model as one vector for the whole batch, so Opacus cannot split "
+                     "the personalisation layers' gradients per sample; use --strategy fedavg or fedbn")
     summary = ("pFLSynth-style personalised FL: site-coded AdaIN + gating blocks stay local, "
                "the mapper and later U-Net stages are averaged")
     personalized = True

@@ -26,6 +26,7 @@ from utils.errors import UserError
 
 class PFLSynth(Strategy):
     name = "pflsynth"
+    dpsgd_refusal = "it trains the synthesis task, which DP-SGD does not support"
     summary = ("pFLSynth: site/task-coded personalisation blocks and early stages stay local, later "
                "residual blocks, decoder and mapper are averaged (needs --task synthesis)")
     personalized = True

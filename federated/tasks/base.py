@@ -58,6 +58,8 @@ class Task:
     has_latent = False  # encode/forward_with_latent exist (FL-MRCM's alignment, the domain gap)
     # Options that define the trained model: a checkpoint's values override the command's in --phase test.
     model_options: tuple[str, ...] = ()
+    # Why sample-level DP-SGD (--dpsgd_noise, federated/dpsgd.py) cannot train this task (None: it can).
+    dpsgd_refusal: str | None = None
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts

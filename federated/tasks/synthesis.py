@@ -84,6 +84,8 @@ def site_tasks(values: list[str] | None) -> dict[str, list[Translation]]:
 class Synthesis(Task):
     name = "synthesis"
     summary = "contrast synthesis with pFLSynth's generator and a local PatchGAN per client and task"
+    dpsgd_refusal = ("--task synthesis with DP-SGD: its adversarial loss trains local discriminators on "
+                     "the client's images outside the per-sample clipping; drop --dpsgd_noise")
     baseline_name = "identity"
     # pflsynth_shared_blocks too: the strategy exists only for this task, and its split must match the checkpoint's.
     model_options = ("ngf", "ndf", "n_blocks", "mapping_layers", "no_dropout", "source_contrast", "target_contrast",

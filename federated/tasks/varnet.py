@@ -27,6 +27,10 @@ ENCODER_KEY = re.compile(r"(^|\.)unet\.(down_sample_layers|conv)\.")
 class VarNetReconstruction(Task):
     name = "varnet"
     summary = "fastMRI's E2E-VarNet on multicoil k-space (SSIM loss, Adam)"
+    # Checked: each cascade holds its data-consistency weight in a module whose forward takes four
+    # inputs; Opacus's per-sample fallback (functorch) replays it with one and fails (TypeError).
+    dpsgd_refusal = ("--model varnet with DP-SGD: Opacus cannot compute per-sample gradients through "
+                     "VarNet's cascades (their data-consistency weight); use --model unet or drop --dpsgd_noise")
     model_options = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools", "norm")
     # fastMRI's VarNet module; the demo is sized for a few minutes on 2 CPU cores.
     # Multicoil k-space: the synthetic (and the paper's brain) sites that have it are F and H. fastMRI
