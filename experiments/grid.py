@@ -36,7 +36,7 @@ DEFAULT_ENTRY = "main_fl_mr.py"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # `_` joins axis values into run names
 # The runner sets these itself for every run.
 RUNNER_FLAGS = {"save_dir", "continues", "resume", "overwrite", "phase", "checkpoint"}
-TOP_KEYS = {"description", "entry", "flags", "test_phase", "axes", "runs", "table", "scales"}
+TOP_KEYS = {"description", "entry", "flags", "test_phase", "test_flags", "axes", "runs", "table", "scales"}
 TABLE_KEYS = {"rows", "columns", "seeds"}
 # `"table": {"columns": "sites"}`: a column per site (and task) each run evaluates, not only its target.
 EVERY_SITE = "sites"
@@ -51,7 +51,8 @@ class GridError(UserError):
 @dataclass(frozen=True)
 class RunSpec:
     """One run of a grid: `python <entry> <argv> --save_dir <out>/<name>`, then, with `test_phase`,
-    the same with `--phase test --checkpoint <out>/<name>/best.pt`.
+    the same with `--phase test --checkpoint <out>/<name>/best.pt` and `test_argv` (the grid's
+    `test_flags`, e.g. more sites to test on).
 
     `coords` places the run in tables and figures: axis name -> value name.
     """
@@ -60,10 +61,11 @@ class RunSpec:
     argv: tuple[str, ...]
     coords: dict[str, str]
     test_phase: bool
+    test_argv: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"name": self.name, "entry": self.entry, "argv": list(self.argv), "coords": self.coords,
-                "test_phase": self.test_phase}
+                "test_phase": self.test_phase, "test_argv": list(self.test_argv)}
 
 
 @dataclass
@@ -157,7 +159,8 @@ class _Expander:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate:
             raise self.fail("runs", f"two runs are named {duplicate!r}")
-        runs = [RunSpec(r.name, r.entry, r.argv + tuple(extra_argv), r.coords, r.test_phase) for r in runs]
+        test_argv = tuple(render(self.flags(spec.get("test_flags", {}), "test_flags")))
+        runs = [RunSpec(r.name, r.entry, r.argv + tuple(extra_argv), r.coords, r.test_phase, test_argv) for r in runs]
         for run in runs:
             self.check_argv(run, extra_argv)
         labels = {axis: {v.name: v.label for v in values} for axis, values in axes.items()}

@@ -127,7 +127,7 @@ def execute(run: RunSpec, folder: Path, procs: Processes) -> Outcome:
             write_record(folder, record)
         if run.test_phase and not record["tested"]:
             code = procs.call([python, entry, *run.argv, *save_dir, "--phase", "test",
-                               "--checkpoint", str(folder / "best.pt")], log)
+                               "--checkpoint", str(folder / "best.pt"), *run.test_argv], log)
             if code != 0:
                 return failure(run, folder, code, procs, start)
             record["tested"] = True

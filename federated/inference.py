@@ -11,6 +11,7 @@ folders named by the client as in training."""
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +75,15 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
                         f"given (known: {', '.join(sorted(registry)) or 'none'}): name the site to test "
                         "with --test_dataset")
     names = parse_site_list(opts.test_dataset, registry, "--test_dataset")
-    if len(names) != 1:
-        raise UserError(f"--test_dataset {opts.test_dataset}: name exactly one site to test on")
-    site = registry[names[0]]
-    split = test_split(site, opts.sequence)
     # Built before anything is written: a site without usable data ends the test with nothing made.
-    files = subsample_volumes(site.files(opts.sequence, split), opts.val_sample_rate, opts.seed)
-    dataset = site_dataset(task, site, files, opts, train=False)
-    if split != "test":
-        log.info(f"site '{site.name}' has no test split: evaluating its {split} split")
+    tests = []  # (site, split, dataset)
+    for name in names:
+        site = registry[name]
+        split = test_split(site, opts.sequence)
+        files = subsample_volumes(site.files(opts.sequence, split), opts.val_sample_rate, opts.seed)
+        tests.append((site, split, site_dataset(task, site, files, opts, train=False)))
+        if split != "test":
+            log.info(f"site '{site.name}' has no test split: evaluating its {split} split")
 
     device = resolve_device(opts.device)
     model.to(device).eval()
@@ -92,7 +93,7 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
     except OSError as e:
         raise UserError(f"--save_dir {opts.save_dir}: cannot write there ({e.strerror})") from None
     rows, baseline_done = [], set()
-    for label, client in tested.entries:
+    for (site, split, dataset), (label, client) in itertools.product(tests, tested.entries):
         if tested.global_state is not None:
             model.load_state_dict(strategy.eval_state(tested.global_state, client))
         predict = autocast_forward(lambda inputs: strategy.forward(model, inputs, client), opts, device)
@@ -115,8 +116,8 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
                                     task.figure_images(vol, mid, opts.strategy), vol.target[mid]))
         for part, (model_scores, zf_scores) in scores.items():
             where = {"site": site.name, **part_column(part), "split": split}
-            if part not in baseline_done:  # the baseline is the same for every model: one row
-                baseline_done.add(part)
+            if (site.name, part) not in baseline_done:  # the baseline is the same for every model: one row
+                baseline_done.add((site.name, part))
                 rows.append({"model": task.baseline_name, **where, **summarize(zf_scores)})
             rows.append({"model": label, **where, **summarize(model_scores)})
         if figure_rows:
@@ -124,13 +125,13 @@ def test(opts: argparse.Namespace, log) -> list[dict]:
         log.info(f"wrote {base}")
     if rows:
         write_metrics_csv(out / "metrics.csv", rows)
-        log.table(f"{split} split (PSNR in dB)\n" + format_table(
+        log.table(f"{'/'.join(dict.fromkeys(split for _, split, _ in tests))} split (PSNR in dB)\n" + format_table(
             ["model", "site", "PSNR", "SSIM", "NMSE", "volumes"],
             [[r["model"], f"{r['site']} {r.get('task', '')}".strip(), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
               f"{r.get('nmse', float('nan')):.4f}", r["volumes"]] for r in rows]))
     else:
-        log.warn(f"site '{site.name}': its {split} volumes have no reference image; wrote the "
-                 "predictions only, no metrics")
+        log.warn(f"site(s) {', '.join(s.name for s, _, _ in tests)}: the volumes have no reference image; "
+                 "wrote the predictions only, no metrics")
     return rows
 
 

@@ -153,6 +153,7 @@ SYNTHESIS_GRID = {
               "local_bs": 2, "ngf": 4, "ndf": 4, "n_blocks": 2, "mapping_layers": 2, "resolution": 32,
               "pflsynth_shared_blocks": 1, "site_tasks": ["I=T1->T2,T2->PD"], "quiet": True},
     "test_phase": True,
+    "test_flags": {"test_dataset": "IF"},  # a figure per site: the test phase tests both
     "axes": {"method": {"values": {"pflsynth": {"label": "pFLSynth", "flags": {"strategy": "pflsynth"}},
                                    "fedavg": {"label": "FedAvg", "flags": {"strategy": "fedavg"}}}}},
     "table": {"rows": "method", "columns": "sites"},

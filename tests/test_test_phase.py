@@ -77,6 +77,19 @@ def test_global_model_on_a_site_only_the_new_sites_file_names(fedavg_run, sites_
     assert [(r["model"], r["psnr"], r["ssim"]) for r in rows] == [(r["model"], r["psnr"], r["ssim"]) for r in theirs]
 
 
+def test_several_test_sites_are_each_evaluated_as_alone(fedavg_run, tiny_root, tmp_path):
+    """--test_dataset HF: one row pair and one figure per site, each site's rows as when tested alone."""
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    common = ["--phase", "test", "--checkpoint", str(fedavg_run / "best.pt"), "--data_root", str(tiny_root), "--quiet"]
+    assert run_cli(common + ["--test_dataset", "HF", "--save_dir", str(both)]) == 0
+    assert run_cli(common + ["--test_dataset", "F", "--save_dir", str(alone)]) == 0
+    rows = read_rows(both / "test" / "metrics.csv")
+    assert [(r["model"], r["site"]) for r in rows] == [("zero_filled", "H"), ("global", "H"),
+                                                       ("zero_filled", "F"), ("global", "F")]
+    assert rows[2:] == read_rows(alone / "test" / "metrics.csv")
+    assert {p.name for p in (both / "test" / "figures").iterdir()} == {"H.png", "F.png"}
+
+
 def flower_checkpoint(path: Path, dest: Path) -> Path:
     """`path` as a Flower run writes it: the clients' state is on the nodes, only a study id here."""
     ckpt = torch.load(path, weights_only=True)
