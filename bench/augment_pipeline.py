@@ -29,8 +29,8 @@ import torch
 if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,
-                          spread, synthetic_root, verdict)
+from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
+                          spread, synthetic_root, varnet_training_step, verdict)
 from data.augment import PAPER_WEIGHTS, AugmentConfig, AugmentedTransform, MRAugment
 from data.subsample import RandomMaskFunc
 from data.transforms import center_crop, fft2c, rss
@@ -164,11 +164,7 @@ def varnet_step(kspace: np.ndarray, target: np.ndarray, mask_func, steps: int):
     def run() -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            output = center_crop(model(masked, mask, num_low), target_t.shape[-2:])
-            loss = ssim(output.unsqueeze(1), target_t.unsqueeze(1), data_range=max_value)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            varnet_training_step(model, optimizer, ssim, masked, mask, num_low, target_t, max_value)
         return time.perf_counter() - start
     return run
 

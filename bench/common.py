@@ -163,6 +163,21 @@ def timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return time.perf_counter() - start
 
 
+def varnet_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ssim: torch.nn.Module,
+                         kspace: torch.Tensor, mask: torch.Tensor, num_low, target: torch.Tensor,
+                         max_value: torch.Tensor) -> torch.Tensor:
+    """One VarNet step as fastMRI's VarNetModule.training_step, then the optimiser: forward on the
+    (B, C, H, W) masked k-space, output centre-cropped to the (B, h, w) target, SSIM loss with the
+    target's maximum as data range, backward. Returns the loss, detached."""
+    from data.transforms import center_crop
+    output = center_crop(model(kspace, mask, num_low), target.shape[-2:])
+    loss = ssim(output.unsqueeze(1), target.unsqueeze(1), data_range=max_value)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

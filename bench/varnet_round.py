@@ -26,7 +26,7 @@ if not __package__:  # run as `python bench/<name>.py`: import the repository as
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (base_parser, experiment, interleaved, load_average, med, run_options, setup,  # noqa: E402
-                          spread, synthetic_root, verdict)
+                          spread, synthetic_root, varnet_training_step, verdict)
 from federated.client import local_update, make_loader  # noqa: E402
 
 TARGET = 0.95
@@ -38,10 +38,9 @@ SIZES = {
 }
 
 
-def bare_loop(model, task, batches, lr: float, start_state: dict):
+def bare_loop(model, batches, lr: float, start_state: dict):
     """A closure timing one pass of plain Adam + SSIM steps over in-memory batches."""
     from models.ssim_loss import SSIMLoss
-    from data.transforms import center_crop
     ssim = SSIMLoss()
 
     def run() -> float:
@@ -49,12 +48,8 @@ def bare_loop(model, task, batches, lr: float, start_state: dict):
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         start = time.perf_counter()
-        for (kspace, mask, num_low, crop), target, max_value in batches:
-            output = center_crop(model(kspace, mask, num_low), crop)
-            loss = ssim(output.unsqueeze(1), target.unsqueeze(1), data_range=max_value)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for (kspace, mask, num_low, _), target, max_value in batches:
+            varnet_training_step(model, optimizer, ssim, kspace, mask, num_low, target, max_value)
         return time.perf_counter() - start
     return run
 
@@ -95,7 +90,7 @@ def main(argv=None) -> None:
         client.optimizer_state, client.scheduler_state = result.optimizer_state, result.scheduler_state
         return took
 
-    times = interleaved({"fl": fl, "bare": bare_loop(model, task, batches, opts.lr, global_state)}, args.repeats)
+    times = interleaved({"fl": fl, "bare": bare_loop(model, batches, opts.lr, global_state)}, args.repeats)
     fl_rate = [client.num_slices / t for t in times["fl"]]
     bare_rate = [client.num_slices / t for t in times["bare"]]
     pairs = [f / b for f, b in zip(fl_rate, bare_rate)]

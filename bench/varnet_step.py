@@ -25,7 +25,7 @@ import torch
 if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import base_parser, interleaved, load_average, med, setup, spread, verdict
+from bench.common import base_parser, interleaved, load_average, med, setup, spread, varnet_training_step, verdict
 from data.subsample import RandomMaskFunc
 from data.transforms import center_crop, ifft2c, rss
 from models.ssim_loss import SSIMLoss
@@ -71,12 +71,7 @@ def ours_side(model, kspace, mask, num_low, target, max_value, steps, losses, cp
     def run() -> float:
         start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            output = center_crop(model(kspace, mask, num_low), target.shape[-2:])
-            loss = ssim(output.unsqueeze(1), target.unsqueeze(1), data_range=max_value)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(varnet_training_step(model, optimizer, ssim, kspace, mask, num_low, target, max_value).item())
         cpu.append(time.process_time() - start_cpu)
         return time.perf_counter() - start
     return run
