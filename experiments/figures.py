@@ -56,6 +56,9 @@ def make_figures(results: GridResults, out: Path, volume: str | None = None,
         for key, members in groups(results, runs, per_method | {panels}).items():
             written += panels_figure(results, members, panels, out / f"val_{_slug(key)}",
                                      _title(results, key, {panels}))
+    if any(r.epsilon() is not None for r in runs):
+        for key, members in groups(results, runs, per_method).items():
+            written += privacy_figure(results, members, out / f"privacy_{_slug(key)}", _title(results, key))
     for key, members in groups(results, runs, per_method).items():
         written += curves_figure(results, members, out / f"curves_{_slug(key)}", _title(results, key))
         written += recon_figure(results, members, out / f"recon_{_slug(key)}", _title(results, key),
@@ -216,6 +219,44 @@ def panels_figure(results: GridResults, runs: list[RunResult], axis: str, stem: 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def privacy_figure(results: GridResults, runs: list[RunResult], stem: Path, title: str) -> list[Path]:
+    """Final validation SSIM and PSNR per site against the epsilon each private run spent (log x, a
+    marker per run, seeds averaged); the non-private runs and zero-filled as horizontal lines."""
+    import matplotlib.pyplot as plt
+    private = [r for r in runs if r.epsilon() is not None]
+    public = [r for r in runs if r.epsilon() is None]
+    sites = list(dict.fromkeys(site for r in runs for site, _ in r.evaluated()))
+    fig, axes = plt.subplots(2, len(sites), figsize=(3.2 * len(sites), 5.6), squeeze=False)
+    for col, site in enumerate(sites):
+        for row, metric in enumerate(("ssim", "psnr")):
+            ax = axes[row][col]
+            for label, members in _mechanisms(private).items():
+                points = sorted((r.epsilon(), r.final_scores(site)[metric]) for r in members if r.final_scores(site))
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+            for r in public[:1]:
+                if (scores := r.final_scores(site)) is not None:
+                    ax.axhline(scores[metric], color="k", lw=1, label="non-private")
+            if runs and (zf := runs[0].zero_filled(site)) is not None:
+                ax.axhline(zf[metric], color="gray", ls="--", lw=1, label="zero-filled")
+            ax.set_xscale("log")
+            ax.set_title(f"{site} {metric.upper()}", fontsize=9)
+            if row == 1:
+                ax.set_xlabel("epsilon (log scale)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def _mechanisms(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    """Private runs by mechanism: sample-level DP-SGD or client-level DP-FedAvg (one line each)."""
+    out: dict[str, list[RunResult]] = {}
+    for run in runs:
+        sample_level = run.options.get("dpsgd_noise") is not None
+        out.setdefault("DP-SGD (per slice)" if sample_level else "DP-FedAvg (per client)", []).append(run)
+    return out
 
 
 def _seed_curves(runs: list[RunResult]) -> tuple[list[int], list[dict[str, tuple[float, float, float]]]]:

@@ -94,6 +94,12 @@ class RunResult:
         return [(k, _mean([float(r["psnr"]) for r in v]), _mean([float(r["ssim"]) for r in v]))
                 for k, v in sorted(rounds.items())]
 
+    def epsilon(self) -> float | None:
+        """The privacy spent by the end of the run: the largest epsilon of its `privacy` rows (the
+        client-level guarantee, or the worst client's under DP-SGD); None for a non-private run."""
+        values = [float(r["epsilon"]) for r in self.rows if r["split"] == "privacy" and r.get("epsilon")]
+        return max(values) if values else None
+
     def train_loss(self) -> list[tuple[int, float]]:
         """(round, mean over the clients that trained in it of their reconstruction loss): a method's
         `recon_loss` where it logs one (FL-MRCM's `loss` adds the adversarial term), else `loss`."""

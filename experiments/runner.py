@@ -72,11 +72,12 @@ class Processes:
                 self._alive.discard(proc)
 
     def stop(self) -> None:
-        """Interrupt every live run (each saves nothing half-made: checkpoints are atomic)."""
+        """Interrupt every live run (each saves nothing half-made: checkpoints are atomic). SIGTERM,
+        which a run treats as Ctrl-C: SIGINT is ignored by runs of a runner started in the background."""
         with self._lock:
             self.stopping = True
             for proc in self._alive:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
 
 
 # ---- one run ------------------------------------------------------------------------------------

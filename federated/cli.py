@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None, prog: str, default_strategy: str, descripti
         return 2
     # Under torchrun only rank 0 prints; the others compute the same run in silence.
     log = Console(quiet=opts.quiet, verbose=opts.verbose, silent=not group.writer)
+    previous = _stop_on_sigterm()
     try:
         return run(opts, argv, prog, log)
     except UserError as e:
@@ -111,6 +114,20 @@ def main(argv: Sequence[str] | None, prog: str, default_strategy: str, descripti
         return 2
     finally:
         distributed.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops a run as Ctrl-C does (the last round kept, the resume command printed): a run
+    started in the background ignores SIGINT, and the grid runner and torchrun stop runs with
+    SIGTERM. Returns the previous handler (None when this is not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def run(opts: argparse.Namespace, argv: list[str], prog: str, log: Console) -> int:

@@ -177,3 +177,28 @@ def test_synthesis_tables_have_a_column_per_site_and_task_and_a_figure_per_site(
     assert experiments_main(["figures", str(out), "--out", str(tmp_path / "f")]) == 0
     assert {p.name for p in (tmp_path / "f").glob("*.png")} == {"curves_all.png", "synthesis_all_I.png",
                                                                 "synthesis_all_F.png"}
+
+
+def test_sigterm_stops_a_runner_started_in_the_background_and_its_runs(tiny_root, tmp_path):
+    """A runner started from a shell's background job (SIGINT ignored, inherited by its runs) still
+    stops every run on SIGTERM, each keeping its last complete round."""
+    grid, out = tmp_path / "long.json", tmp_path / "out"
+    grid.write_text(json.dumps({"description": "one long run", "flags": {**TINY_GRID["flags"], "epochs": 100000},
+                                "axes": {"seed": {"flag": "seed", "values": [0]}}}))
+    proc = subprocess.Popen(runner(grid, out, tiny_root), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    run = out / "0"
+    try:
+        wait_until((run / "last.pt").is_file, "the run saves its first round", proc)
+        # The runs are started from the runner's worker threads: children of any of its tasks.
+        children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert children and all(not Path(f"/proc/{c}").exists() for c in children)
+    assert torch.load(run / "last.pt", weights_only=True)["round"] >= 1
+    assert "interrupted; the last complete round is saved" in (run / "log.txt").read_text()
