@@ -241,6 +241,7 @@ def privacy_figure(results: GridResults, runs: list[RunResult], stem: Path, titl
             if runs and (zf := runs[0].zero_filled(site)) is not None:
                 ax.axhline(zf[metric], color="gray", ls="--", lw=1, label="zero-filled")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labelled decades only: minor labels overlap
             ax.set_title(f"{site} {metric.upper()}", fontsize=9)
             if row == 1:
                 ax.set_xlabel("epsilon (log scale)")
