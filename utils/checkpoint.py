@@ -1,9 +1,12 @@
 """Atomic checkpoint files, loaded with weights-only unpickling."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +18,43 @@ FORMAT = "fedrecon-checkpoint"
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file.
+    Ctrl-C or SIGTERM arriving meanwhile takes effect once the file is in place (torch.save cut short
+    by an interrupt ends in its own RuntimeError instead of a clean stop)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with interrupts_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT and SIGTERM (where they are handled, in the main thread) are held until the block ends,
+    then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler not in (signal.SIG_IGN, signal.SIG_DFL, None):
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
