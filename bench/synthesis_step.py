@@ -34,10 +34,9 @@ from torch.nn import functional as F
 if not __package__:  # run as `python bench/<name>.py`: import the repository as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (base_parser, interleaved, load_average, med, prepare_run, quiet_log, setup,  # noqa: E402
+from bench.common import (base_parser, interleaved, load_average, med, prepare_run, setup,  # noqa: E402
                           spread, synthetic_root, verdict)
 from federated.client import local_update  # noqa: E402
-from federated.server import run_round, select_clients  # noqa: E402
 from options import parse_options  # noqa: E402
 
 TARGET = 0.95
@@ -158,16 +157,7 @@ def rounds_bench(args, scale: dict, root) -> None:
           f"{sizes['fedavg']:,} parameters, pflsynth {sizes['pflsynth']:,} (+{sizes['pflsynth'] - sizes['fedavg']:,}: "
           f"mapper and personalisation blocks); {args.repeats} timed rounds each after one untimed, interleaved")
 
-    def round_of(run):
-        def once() -> float:
-            run.rounds_done += 1
-            selected = select_clients(run.exp.clients, run.opts.frac, run.state.server_generator)
-            start = time.perf_counter()
-            run_round(run.rounds_done, run.model, run.strategy, run.state, selected, run.opts, run.device, quiet_log())
-            return time.perf_counter() - start
-        return once
-
-    times = interleaved({k: round_of(r) for k, r in runs.items()}, args.repeats)
+    times = interleaved({k: r.round for k, r in runs.items()}, args.repeats)
     pairs = [p / f for f, p in zip(times["fedavg"], times["pflsynth"])]
     print(f"  fedavg round {med(times['fedavg']):.2f} s ({spread(times['fedavg'])}) | pflsynth round "
           f"{med(times['pflsynth']):.2f} s ({spread(times['pflsynth'])}) | pairs pflsynth/fedavg "
