@@ -76,6 +76,40 @@ def _failures_deferred(batches: Iterator[tuple[Any, float]], defer: bool) -> Ite
             return
 
 
+def _epoch_batches(client: Client, opts, device: torch.device, group: distributed.Group,
+                   private: dpsgd.PrivateTraining | None) -> Iterator[tuple[Any, float]]:
+    """(samples, share of the global batch) of one epoch of the client's training data: this rank's
+    shares under torchrun, Poisson batches under DP-SGD, else the shuffled DataLoader (share 1)."""
+    if group.active:
+        return distributed.sharded_batches(group, client.dataset, opts.local_bs, client.generator,
+                                           opts.num_workers, device)
+    if private is not None:
+        return ((samples, 1.0) for samples in private.batches(client.dataset, opts.num_workers, device))
+    loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
+    return ((samples, 1.0) for samples in loader)
+
+
+def _backward(strategy: Strategy, client: Client, model: nn.Module, batch, optimizer: torch.optim.Optimizer,
+              private: dpsgd.PrivateTraining | None, opts, device: torch.device):
+    """One step's loss, logs and (DP-SGD) the method's weight term, with the gradients computed.
+
+    DP-SGD: only the data loss goes through the per-sample clipping; the method's weight term
+    (reading no data) is added after the noise, in `PrivateTraining.step`."""
+    if private is None:
+        with autocast(opts, device):
+            loss, logs = strategy.training_loss(client, model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, logs, None
+    from federated.strategies.base import with_weight_term  # here: the strategies import this module
+    data, logs = strategy.data_loss(client, model, batch)
+    term, term_logs = strategy.weight_term(client, model)
+    loss, logs = with_weight_term(data.detach(), logs, None if term is None else term.detach(), term_logs)
+    private.optimizer.zero_grad(set_to_none=True)
+    data.backward()
+    return loss, logs, term
+
+
 def local_update(client: Client, model: nn.Module, strategy: Strategy, global_state: State,
                  opts, device: torch.device, *, rnd: int) -> LocalResult:
     """Train `model` on the client's data for `opts.local_ep` epochs, starting from the strategy's
@@ -98,51 +132,29 @@ def local_update(client: Client, model: nn.Module, strategy: Strategy, global_st
     loss_sum = torch.zeros((), device=device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
-    from federated.strategies.base import with_weight_term  # here: the strategies import this module
     # DP-SGD (--dpsgd_noise): per-sample clipping and noise on every step, Poisson batches (None
     # for an empty draw: a noise-only step); refused under torchrun, so `group` is inactive then.
     with dpsgd.private_training(client, model, optimizer, opts, device) as private:
-        step_optimizer = private.optimizer if private is not None else optimizer
         for epoch in range(opts.local_ep):
             # A fresh, reproducible mask (and augmentation) for every slice in every epoch, whatever the
             # number of workers or processes.
             client.dataset.set_epoch(int(torch.randint(2**31 - 1, (1,), generator=client.generator)))
             client.dataset.set_time(*strategy.schedule_time(rnd, epoch))
-            if group.active:
-                batches = distributed.sharded_batches(group, client.dataset, opts.local_bs, client.generator,
-                                                      opts.num_workers, device)
-            elif private is not None:
-                batches = ((samples, 1.0) for samples in private.batches(client.dataset, opts.num_workers, device))
-            else:
-                loader = make_loader(client.dataset, opts.local_bs, True, client.generator, opts.num_workers, device)
-                batches = ((samples, 1.0) for samples in loader)
+            batches = _epoch_batches(client, opts, device, group, private)
             for samples, share in _failures_deferred(batches, group.active):
                 if samples is None:
                     private.empty_step(strategy.weight_term(client, model)[0])
                     continue
                 group.share = share
                 failure = samples if isinstance(samples, Exception) else None
-                try:
-                    if failure is None:
-                        batch = task.to_device(samples, device)
-                        if private is None:
-                            with autocast(opts, device):
-                                loss, logs = strategy.training_loss(client, model, batch)
-                            step_optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
-                        else:
-                            # DP-SGD: only the data loss goes through the per-sample clipping; the
-                            # method's weight term (reading no data) is added after the noise.
-                            data, logs = strategy.data_loss(client, model, batch)
-                            term, term_logs = strategy.weight_term(client, model)
-                            loss, logs = with_weight_term(data.detach(), logs, None if term is None else term.detach(),
-                                                          term_logs)
-                            step_optimizer.zero_grad(set_to_none=True)
-                            data.backward()
-                except Exception as e:
-                    if not group.active:
-                        raise
-                    failure = e
+                if failure is None:
+                    try:
+                        loss, logs, term = _backward(strategy, client, model, task.to_device(samples, device),
+                                                     optimizer, private, opts, device)
+                    except Exception as e:
+                        if not group.active:
+                            raise
+                        failure = e
                 # Under torchrun: this rank's gradient times its share of the batch, summed over ranks.
                 group.average_gradients(params, share, failure)
                 if failure is not None:

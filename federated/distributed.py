@@ -117,8 +117,7 @@ class Group:
         tensors), cut as `ShardedBatches` cuts a training batch."""
         if not self.active:
             return tensors
-        n = len(tensors[0])
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        lo, hi = _bounds(len(tensors[0]), self.rank, self.world)
         return tuple(t[lo:hi] for t in tensors)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -196,53 +195,54 @@ def device_for(group: Group, device: torch.device) -> torch.device:
 
 
 # ---- the training batches ----------------------------------------------------------------------
+def _bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items split over `world` ranks (as equal as possible)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _global_batch_sizes(num_slices: int, batch_size: int, world: int) -> list[int]:
+    """The sizes of the global batches an epoch trains on: a last batch with fewer slices than
+    ranks is skipped, as a rank with nothing to train on cannot take part in a step."""
+    sizes = [batch_size] * (num_slices // batch_size)
+    if num_slices % batch_size >= world:
+        sizes.append(num_slices % batch_size)
+    return sizes
+
+
 class ShardedBatches(Sampler[list[int]]):
     """This rank's share of each global batch a one-process DataLoader(shuffle=True, generator=g)
     draws: the same random permutation from the same generator, cut into batches of `batch_size`,
-    each cut into `world` contiguous shares (as equal as possible). Every rank yields one share per
-    global batch, so every rank takes the same number of steps; a last batch with fewer slices than
-    ranks is skipped (`skipped`), as a rank with nothing to train on cannot take part in a step."""
+    each cut into `world` contiguous shares (`_bounds`). Every rank yields one share per global batch
+    of `_global_batch_sizes`, so every rank takes the same number of steps."""
 
     def __init__(self, num_slices: int, batch_size: int, generator: torch.Generator, rank: int, world: int):
         self.batches = BatchSampler(RandomSampler(range(num_slices), generator=generator), batch_size, False)
         self.num_slices, self.batch_size, self.rank, self.world = num_slices, batch_size, rank, world
 
-    @property
-    def skipped(self) -> int:
-        """Slices per epoch left out: a last batch smaller than the number of ranks."""
-        last = self.num_slices % self.batch_size
-        return last if 0 < last < self.world else 0
-
     def __len__(self) -> int:
-        return self.num_slices // self.batch_size + (self.num_slices % self.batch_size >= self.world)
+        return len(_global_batch_sizes(self.num_slices, self.batch_size, self.world))
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
-            if len(batch) < self.world:
-                continue
-            yield batch[self.rank * len(batch) // self.world:(self.rank + 1) * len(batch) // self.world]
+            if len(batch) >= self.world:
+                lo, hi = _bounds(len(batch), self.rank, self.world)
+                yield batch[lo:hi]
 
 
 def sharded_batches(group: Group, dataset: Dataset, batch_size: int, generator: torch.Generator,
                     num_workers: int, device: torch.device) -> Iterator[tuple[Any, float]]:
     """(this rank's samples, its share of the global batch) for one epoch of a client's training
-    data under torchrun."""
+    data under torchrun; the ranks' shares of one batch sum to 1."""
     sampler = ShardedBatches(len(dataset), batch_size, generator, group.rank, group.world)
     # The loader draws its workers' base seed from `generator` before the sampler's permutation,
     # as the one-process loader does: both consume the client's generator identically.
     loader = DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    return zip(loader, _shares(len(dataset), batch_size, group))
-
-
-def _shares(num_slices: int, batch_size: int, group: Group) -> list[float]:
-    """This rank's part of each global batch of an epoch, in `ShardedBatches`' order; the ranks'
-    parts of one batch sum to 1."""
-    sizes = [batch_size] * (num_slices // batch_size)
-    if num_slices % batch_size >= group.world:
-        sizes.append(num_slices % batch_size)
-    r, n = group.rank, group.world
-    return [((r + 1) * size // n - r * size // n) / size for size in sizes]
+    shares = []
+    for size in _global_batch_sizes(len(dataset), batch_size, group.world):
+        lo, hi = _bounds(size, group.rank, group.world)
+        shares.append((hi - lo) / size)
+    return zip(loader, shares)
 
 
 def check_fits(group: Group, opts, clients: Sequence, eval_sets: dict[str, Dataset],

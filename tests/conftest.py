@@ -29,6 +29,16 @@ def run_cli(args: list[str], prog: str = "main_fl_mr.py", strategy: str = "fedav
     return main(args, prog, strategy, "")
 
 
+def straight_and_resumed(args: list[str], tmp_path: Path, rounds: int = 3) -> tuple[Path, Path]:
+    """The run of `args` for `rounds` rounds straight, and one stopped after `rounds - 1` and resumed
+    to `rounds` (`--resume`); returns their run folders (straight, resumed)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(args + ["--epochs", str(rounds), "--save_dir", str(straight)]) == 0
+    assert run_cli(args + ["--epochs", str(rounds - 1), "--save_dir", str(resumed)]) == 0
+    assert run_cli(["--resume", str(resumed), "--epochs", str(rounds)]) == 0
+    return straight, resumed
+
+
 def wait_until(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
                timeout: float = 300.0) -> None:
     """Poll `condition` until it holds. Fails naming `what` when `proc` exits first or after `timeout`

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from data.synthetic import SyntheticConfig, ensure_synthetic_sites
 from federated.distributed import Group, ShardedBatches, shard_volumes
 from tests.conftest import default_sigint, run_cli, wait_until
+from tests.test_varnet_runs import TINY_VARNET
 
 REPO = Path(__file__).resolve().parents[1]
 # Two validation volumes per site: each of two processes scores one.
@@ -24,9 +25,8 @@ DATA = SyntheticConfig(resolution=32, train=2, val=2, test=1, slices=4, seed=0)
 MULTICOIL = SyntheticConfig(resolution=32, train=2, val=2, test=1, slices=3, seed=0, multicoil=True, coils=4)
 UNET = ["--chans", "4", "--num_pools", "2", "--local_ep", "1", "--local_bs", "4", "--quiet",
         "--train_dataset", "FH", "--test_dataset", "H"]
-VARNET = ["--model", "varnet", "--challenge", "multicoil", "--strategy", "central", "--train_dataset", "F",
-          "--test_dataset", "F", "--num_cascades", "1", "--chans", "2", "--pools", "1", "--sens_chans", "2",
-          "--sens_pools", "1", "--local_ep", "1", "--local_bs", "2", "--quiet"]
+# The tiny VarNet of tests/test_varnet_runs.py, pooled on one site (one k-space size per batch).
+VARNET = TINY_VARNET + ["--strategy", "central", "--train_dataset", "F", "--test_dataset", "F"]
 
 
 @pytest.fixture(scope="module")

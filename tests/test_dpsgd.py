@@ -16,7 +16,7 @@ from federated.dpsgd import PrivateTraining, check_dpsgd_options, sampling
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS
 from models.unet import Unet
-from tests.conftest import TINY, TINY_RUN, run_cli
+from tests.conftest import TINY, TINY_RUN, run_cli, straight_and_resumed
 from utils.errors import UserError
 
 B = 4  # the batch in the gradient tests: N / ceil(N / local_bs) = 8 / 2, the expected Poisson batch
@@ -172,10 +172,7 @@ def opacus_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -
 
 def test_epsilon_per_client_is_opacus_and_resume_is_the_same_run(tiny_root, tmp_path):
     base = TINY_RUN + ["--data_root", str(tiny_root)] + DPSGD
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(base + ["--epochs", "3", "--save_dir", str(full)]) == 0
-    assert run_cli(base + ["--epochs", "2", "--save_dir", str(part)]) == 0
-    assert run_cli(["--resume", str(part), "--epochs", "3"]) == 0
+    full, part = straight_and_resumed(base, tmp_path)
 
     rows = epsilon_rows(full)
     assert sorted((int(r["round"]), r["model"]) for r in rows) == [(r, c) for r in (1, 2, 3) for c in "BF"]

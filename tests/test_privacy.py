@@ -99,7 +99,7 @@ def test_budget_check_and_resume_of_the_accountant():
 # ---- through the runner ------------------------------------------------------------------------
 import csv
 
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, run_cli, straight_and_resumed
 
 DP = ["--dp_clip", "0.05", "--dp_noise", "1.0", "--train_dataset", "BF", "--test_dataset", "H"]
 
@@ -111,10 +111,7 @@ def read_rows(run):
 
 def test_run_logs_epsilon_and_resumes_bit_for_bit(tiny_root, tmp_path):
     base = TINY_RUN + ["--data_root", str(tiny_root)] + DP
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(base + ["--epochs", "3", "--save_dir", str(full)]) == 0
-    assert run_cli(base + ["--epochs", "2", "--save_dir", str(part)]) == 0
-    assert run_cli(["--resume", str(part), "--epochs", "3"]) == 0
+    full, part = straight_and_resumed(base, tmp_path)
     eps = [float(r["epsilon"]) for r in read_rows(full) if r["split"] == "privacy"]
     ref = ClientLevelAccountant(1.0, 1e-5)
     assert eps == pytest.approx([ref.spend(2, 2) for _ in range(3)], rel=1e-5)  # metrics.csv keeps 6 digits
