@@ -5,9 +5,10 @@ sequence) into a style latent w. After every U-Net stage -- each down block, the
 each up block -- a personalisation block modulates the stage output with w: AdaIN (instance norm,
 then (1 + gamma) * x + beta) followed by channel gating.
 
-The U-Net's own state_dict keys are unchanged (`Unet.encoder_prefixes`, `Unet.decoder_prefixes`);
-the additions live under ``mapper.`` and ``personal_blocks.{i}.`` with i the stage index in
-`stages()` order.
+`StyledUnet` is the U-Net with the blocks, driven by a latent it is given (E2E-VarNet's cascades
+share one mapper, `models.personalized_varnet`); `PersonalizedUnet` adds the mapper. The U-Net's
+own state_dict keys are unchanged (`Unet.encoder_prefixes`, `Unet.decoder_prefixes`); the additions
+live under ``mapper.`` and ``personal_blocks.{i}.`` with i the stage index in `stages()` order.
 """
 from __future__ import annotations
 
@@ -63,25 +64,18 @@ class PersonalizationBlock(nn.Module):
         return x * self.gate(w)[:, :, None, None]
 
 
-class PersonalizedUnet(Unet):
-    """`Unet` plus a mapper and one personalisation block after each of its 2 * num_pool_layers + 1
-    stages. Every pass needs the code: ``forward(image, code)``."""
+class StyledUnet(Unet):
+    """`Unet` with one personalisation block after each of its 2 * num_pool_layers + 1 stages, driven
+    by a style latent w given with every pass: ``forward(image, w)``."""
 
-    mapper_prefixes: tuple[str, ...] = ("mapper.",)
-    personal_prefixes: tuple[str, ...] = ("personal_blocks.",)
-
-    def __init__(self, code_size: int, in_chans: int = 1, out_chans: int = 1, chans: int = 32,
-                 num_pool_layers: int = 4, drop_prob: float = 0.0, norm: Norm = "instance",
-                 latent_dim: int = 512):
+    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 32, num_pool_layers: int = 4,
+                 drop_prob: float = 0.0, norm: Norm = "instance", latent_dim: int = 512):
         """
         Args:
-            code_size: length of the code vector (number of sites, plus sequences when coded).
             latent_dim: width of the style latent w.
             The others: as `Unet`.
         """
         super().__init__(in_chans, out_chans, chans, num_pool_layers, drop_prob, norm)
-        self.code_size = code_size
-        self.mapper = Mapper(code_size, latent_dim)
         down = [chans * 2**i for i in range(num_pool_layers)]
         channels = down + [chans * 2**num_pool_layers] + down[::-1]
         self.personal_blocks = nn.ModuleList([PersonalizationBlock(c, latent_dim) for c in channels])
@@ -92,12 +86,6 @@ class PersonalizedUnet(Unet):
         n = self.num_pool_layers
         return ([[f"down_sample_layers.{i}."] for i in range(n)] + [["conv."]]
                 + [[f"up_transpose_conv.{i}.", f"up_conv.{i}."] for i in range(n)])
-
-    def _style(self, code: torch.Tensor, batch: int) -> torch.Tensor:
-        """(code_size,) or (B, code_size) code -> (B, latent_dim) style latent."""
-        if code.dim() == 1:
-            code = code.expand(batch, -1)
-        return self.mapper(code)
 
     def _encode_personal(self, image: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down path and bottleneck, each stage personalised: (latent, skips, shallowest first)."""
@@ -121,13 +109,43 @@ class PersonalizedUnet(Unet):
             output = head(personal[i](conv_block(output), w))
         return output
 
+    def forward(self, image: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) and w (B, latent_dim) -> (B, out_chans, H, W)."""
+        latent, skips = self._encode_personal(image, w)
+        return self._decode_personal(latent, skips, w)
+
+
+def style_latent(mapper: Mapper, code: torch.Tensor, batch: int) -> torch.Tensor:
+    """(code_size,) or (B, code_size) code -> (B, latent_dim) style latent."""
+    if code.dim() == 1:
+        code = code.expand(batch, -1)
+    return mapper(code)
+
+
+class PersonalizedUnet(StyledUnet):
+    """`StyledUnet` plus the mapper that makes its style latent from a code: ``forward(image, code)``."""
+
+    always_shared_prefixes: tuple[str, ...] = ("mapper.",)  # averaged by `pfl` whatever --pfl_shared says
+
+    def __init__(self, code_size: int, in_chans: int = 1, out_chans: int = 1, chans: int = 32,
+                 num_pool_layers: int = 4, drop_prob: float = 0.0, norm: Norm = "instance",
+                 latent_dim: int = 512):
+        """
+        Args:
+            code_size: length of the code vector (number of sites, plus sequences when coded).
+            The others: as `StyledUnet`.
+        """
+        super().__init__(in_chans, out_chans, chans, num_pool_layers, drop_prob, norm, latent_dim)
+        self.code_size = code_size
+        self.mapper = Mapper(code_size, latent_dim)
+
     def encode(self, image: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) and code -> the personalised bottleneck output (B, latent_channels, h, w)."""
-        return self._encode_personal(image, self._style(code, len(image)))[0]
+        return self._encode_personal(image, style_latent(self.mapper, code, len(image)))[0]
 
     def forward_with_latent(self, image: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, in_chans, H, W) and code -> output (B, out_chans, H, W) and latent as `encode`."""
-        w = self._style(code, len(image))
+        w = style_latent(self.mapper, code, len(image))
         latent, skips = self._encode_personal(image, w)
         return self._decode_personal(latent, skips, w), latent
 

@@ -68,8 +68,9 @@ class NormUnet(nn.Module):
             norm=norm,
         )
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Complex ``(B, c, H, W)`` -> complex ``(B, c, H, W)``."""
+    def forward(self, image: torch.Tensor, *style: torch.Tensor) -> torch.Tensor:
+        """Complex ``(B, c, H, W)`` -> complex ``(B, c, H, W)``; ``style`` goes on to the U-Net (a
+        `models.personalized_unet.StyledUnet`'s latent)."""
         b, c, h, w = image.shape
         # Channels [re_0 .. re_{c-1}, im_0 .. im_{c-1}], as fastMRI's complex_to_chan_dim.
         x = torch.view_as_real(image).permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w)
@@ -82,7 +83,7 @@ class NormUnet(nn.Module):
         h_mult, w_mult = ((h - 1) | 15) + 1, ((w - 1) | 15) + 1
         h_pad = (math.floor((h_mult - h) / 2), math.ceil((h_mult - h) / 2))
         w_pad = (math.floor((w_mult - w) / 2), math.ceil((w_mult - w) / 2))
-        x = self.unet(F.pad(x, [*w_pad, *h_pad]))
+        x = self.unet(F.pad(x, [*w_pad, *h_pad]), *style)
         x = x[..., h_pad[0] : h_mult - h_pad[1], w_pad[0] : w_mult - w_pad[1]]
 
         out_c = x.shape[1] // 2
@@ -201,6 +202,7 @@ class VarNetBlock(nn.Module):
         ref_kspace: torch.Tensor,
         mask: torch.Tensor,
         sens_maps: torch.Tensor,
+        *style: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
@@ -208,12 +210,13 @@ class VarNetBlock(nn.Module):
             ref_kspace: complex ``(B, C, H, W)``, the measured (masked) k-space.
             mask: bool ``(B, 1, 1, W)``.
             sens_maps: complex ``(B, C, H, W)``.
+            style: what the regulariser takes besides the image (a style latent), if anything.
 
         Returns:
             complex ``(B, C, H, W)``.
         """
         soft_dc = torch.where(mask, current_kspace - ref_kspace, 0) * self.dc_weight
-        model_term = self.sens_expand(self.model(self.sens_reduce(current_kspace, sens_maps)), sens_maps)
+        model_term = self.sens_expand(self.model(self.sens_reduce(current_kspace, sens_maps), *style), sens_maps)
         return current_kspace - soft_dc - model_term
 
 

@@ -12,8 +12,11 @@ from data.mri_data import SliceDataset
 from data.subsample import EquispacedMaskFractionFunc, RandomMaskFunc
 from data.transforms import VarNetDataTransform, VarNetSample
 from models.ssim_loss import SSIMLoss
+from federated.strategies import STRATEGIES
+from models.personalized_varnet import PersonalizedVarNet
 from models.unet import Unet
 from models.varnet import VarNet, acs_columns, load_pretrained_varnet
+from options import parse_options
 from tests.helpers_data import ismrmrd_header, write_fastmri
 from utils.errors import CheckpointError, DataError
 
@@ -121,6 +124,47 @@ def test_batch_with_a_band_width_per_sample_equals_each_sample_alone() -> None:
         for i, width in enumerate(widths):
             alone = run_fastmri(reference, kspace[i : i + 1], mask[i : i + 1], width)
             torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_personalized_varnet_keeps_every_varnet_key_and_stages_every_cascade_unet() -> None:
+    model = PersonalizedVarNet(code_size=3, **SMALL)
+    varnet = {k: v.shape for k, v in VarNet(**SMALL).state_dict().items()}
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    assert all(keys[k] == shape for k, shape in varnet.items())
+    assert all(k.startswith("mapper.") or ".unet.personal_blocks." in k for k in set(keys) - set(varnet))
+    cascade_unets = [k for k in varnet if k.startswith("cascades.") and ".unet." in k]
+    stages = model.stages()
+    assert len(stages) == 2 * SMALL["pools"] + 1
+    for key in cascade_unets:  # each key in exactly one stage
+        assert sum(key.startswith(p) for stage in stages for p in stage) == 1, key
+
+
+def test_personalized_varnet_output_depends_on_the_site_code_and_codes_batch() -> None:
+    torch.manual_seed(0)
+    model = PersonalizedVarNet(code_size=2, **SMALL).eval()
+    for block in model.modules():  # the AdaIN starts at identity: give it a modulation to see
+        if hasattr(block, "gamma"):
+            torch.nn.init.normal_(block.gamma.weight, std=0.1)
+    kspace, mask = masked_batch((2, 3, 24, 20))
+    codes = torch.eye(2)
+    with torch.no_grad():
+        outputs = [model(kspace, mask, 6, code) for code in codes]
+        mixed = model(kspace, mask, 6, codes[[0, 1]])
+    assert outputs[0].shape == (2, 24, 20)
+    assert not torch.allclose(outputs[0], outputs[1])
+    torch.testing.assert_close(mixed[0], outputs[0][0])
+    torch.testing.assert_close(mixed[1], outputs[1][1])
+
+
+def test_pfl_on_a_varnet_averages_the_parts_without_blocks_and_the_chosen_stages() -> None:
+    flags = ["--model", "varnet", "--strategy", "pfl", *(f"--{k}={v}" for k, v in SMALL.items())]
+    strategy = STRATEGIES["pfl"](parse_options(flags, "test", "pfl", ""))
+    keys = list(strategy.build_model(["F", "H"]).state_dict())
+    shared = {k for k in keys if strategy.is_shared(k)}
+    assert {k for k in keys if k.startswith(("mapper.", "sens_net.")) or k.endswith("dc_weight")} <= shared
+    assert not any(".personal_blocks." in k or ".down_sample_layers." in k or ".unet.conv." in k
+                   for k in shared if k.startswith("cascades."))
+    assert all(k in shared for k in keys if ".up_conv." in k or ".up_transpose_conv." in k)
 
 
 def test_acs_columns_keeps_the_centre_band_of_each_sample() -> None:

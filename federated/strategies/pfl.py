@@ -1,10 +1,12 @@
 """Personalised FL in the manner of pFLSynth (Dalmaz et al.), adapted to reconstruction.
 
-The model is `PersonalizedUnet`: a mapper turns one-hot(site) into a 512-d style latent that drives a
-personalisation block (AdaIN and channel gating) after every U-Net stage. Partial aggregation: the
-mapper and the later U-Net stages (`--pfl_shared decoder`: up path and head) are averaged, weighted
-by each client's number of training slices as in the paper (`--weighting` does not apply); the
-earlier stages and every personalisation block stay with each client.
+The model is the task's personalised model (`PersonalizedUnet`; for VarNet `PersonalizedVarNet`, the
+blocks in every cascade's U-Net): a mapper turns one-hot(site) into a 512-d style latent that drives
+a personalisation block (AdaIN and channel gating) after every U-Net stage. Partial aggregation: the
+mapper (with VarNet also the sensitivity network and the data-consistency weights) and the later
+U-Net stages (`--pfl_shared decoder`: up path and head) are averaged, weighted by each client's
+number of training slices as in the paper (`--weighting` does not apply); the earlier stages and
+every personalisation block stay with each client.
 
 Every pass is given the code of the client's own site; on a site no client trains on, each client's
 model is evaluated with its own site's code (the server evaluates every client's model there).
@@ -50,7 +52,7 @@ class PersonalizedFL(Strategy):
         stages = model.stages()
         n = (len(stages) + 1) // 2  # the down stages and the bottleneck, then the up stages
         shared_stages = {"decoder": stages[n:], "encoder": stages[:n], "all": stages}[o.pfl_shared]
-        self.shared_prefixes = model.mapper_prefixes + tuple(p for s in shared_stages for p in s)
+        self.shared_prefixes = model.always_shared_prefixes + tuple(p for s in shared_stages for p in s)
         return model
 
     def is_shared(self, key: str) -> bool:

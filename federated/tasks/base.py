@@ -102,7 +102,7 @@ class Task:
     def build_personalized_model(self, code_size: int) -> nn.Module:
         """The model with a site-coded personalisation block after every stage (`pfl`): its forward
         takes the inputs and a (code_size,) one-hot code; `stages()` lists its stages' key prefixes
-        and `mapper_prefixes` its mapper's."""
+        and `always_shared_prefixes` the keys averaged whatever --pfl_shared says (the mapper's)."""
         raise UserError(f"--strategy pfl: the {self.name} task has no personalised model yet; "
                         "choose another --strategy (fedbn, fedmri keep parts of the model local too)")
 

@@ -16,6 +16,7 @@ from torch import nn
 from data.transforms import VarNetDataTransform, VarNetSample, center_crop, ifft2c, rss
 from federated.tasks.base import Batch, Task, VolumeParts
 from models.ssim_loss import SSIMLoss
+from models.personalized_varnet import PersonalizedVarNet
 from models.varnet import VarNet, load_pretrained_varnet, pretrained_varnet_architecture
 from utils.errors import UserError
 
@@ -88,6 +89,11 @@ class VarNetReconstruction(Task):
         return VarNet(num_cascades=o.num_cascades, sens_chans=o.sens_chans, sens_pools=o.sens_pools,
                       chans=o.chans, pools=o.pools, norm=o.norm)
 
+    def build_personalized_model(self, code_size: int) -> nn.Module:
+        o = self.opts
+        return PersonalizedVarNet(code_size, num_cascades=o.num_cascades, sens_chans=o.sens_chans,
+                                  sens_pools=o.sens_pools, chans=o.chans, pools=o.pools, norm=o.norm)
+
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         load_pretrained_varnet(model, path)
 
@@ -96,9 +102,10 @@ class VarNetReconstruction(Task):
         return pretrained_varnet_architecture(path) or {}
 
     def forward(self, model: nn.Module, inputs) -> torch.Tensor:
-        """(B, h, w): the RSS image centre-cropped to the target's size."""
-        kspace, mask, num_low, crop = inputs
-        return center_crop(model(kspace, mask, num_low), crop)
+        """(B, h, w): the RSS image centre-cropped to the target's size (inputs: the batch's, then
+        what a method adds, such as pfl's site code)."""
+        kspace, mask, num_low, crop, *extra = inputs
+        return center_crop(model(kspace, mask, num_low, *extra), crop)
 
     def is_encoder(self, key: str) -> bool:
         return bool(ENCODER_KEY.search(key))
