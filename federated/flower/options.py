@@ -57,7 +57,6 @@ def parse_flower_options(argv: Sequence[str], prog: str) -> tuple[argparse.Names
     if flower.node_wait < 0 or flower.reply_timeout <= 0:
         raise UserError(f"--node_wait {flower.node_wait} / --reply_timeout {flower.reply_timeout}: "
                         "must be 0 or more / positive")
-    check_secagg_flags(opts)
     return opts, flower
 
 
@@ -94,9 +93,11 @@ def check_secagg_sites(opts: argparse.Namespace, train_sites: list[str]) -> None
 
 
 def check_flower_support(opts: argparse.Namespace, strategy: Strategy) -> None:
-    """One line on why this study cannot run on Flower (the method's own `federation_refusal`)."""
+    """One line on why this study cannot run on Flower (the method's own `federation_refusal`), or
+    not with --secagg (`secagg_refusal`, client-level DP, the --secagg_* values)."""
     if why := strategy.federation_refusal():
         raise UserError(why)
+    check_secagg_flags(opts)
     if opts.secagg:
         if strategy.secagg_refusal:
             raise UserError(f"--secagg with --strategy {opts.strategy}: {strategy.secagg_refusal}; drop --secagg")
