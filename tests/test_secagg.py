@@ -13,8 +13,6 @@ the config it receives, and its setup stage sends one content object to every no
 from __future__ import annotations
 
 import copy
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
