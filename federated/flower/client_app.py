@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from federated.client import local_update
 from federated.exchange import (evaluate_model, failure_reason, global_latents, keep_local, shared_entries,
                                 baseline_scores, start_round)
+from federated.flower import secagg
 from federated.flower.messages import (ARRAYS, CONFIG, CONTEXT, PAYLOAD, from_arrays, options_from_json,
                                        to_arrays, train_reply_content)
 from federated.flower.site import SiteNode, node_site
@@ -76,9 +77,11 @@ def start_of_round(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONTEXT: to_arrays(out)}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg.client_mod])
 @replies_errors
 def train(msg: Message, context: Context) -> Message:
+    """One client's local update; its reply carries the shared entries, or under --secagg none:
+    the node keeps the update for the round's secure sum (`secagg.keep_update`)."""
     start = time.perf_counter()
     config = msg.content.config_records[CONFIG]
     node = SiteNode(context.node_config, study_of(msg))
@@ -91,8 +94,11 @@ def train(msg: Message, context: Context) -> Message:
     result = local_update(client, node.model, node.strategy, global_state, node.opts, node.device, rnd=rnd)
     keep_local(client, node.strategy, result)
     node.save(client, rnd)
-    content = train_reply_content(shared_entries(node.strategy, result.state), client.num_slices, result.loss,
-                                  result.logs, time.perf_counter() - start)
+    shared = shared_entries(node.strategy, result.state)
+    if node.opts.secagg:
+        secagg.keep_update(node.state_dir, client.name, rnd, shared, global_state)
+        shared = {}
+    content = train_reply_content(shared, client.num_slices, result.loss, result.logs, time.perf_counter() - start)
     return Message(content, reply_to=msg)
 
 

@@ -3,7 +3,8 @@
 Every instruction's `config` carries the study (`study_config`: the run's resolved options as JSON,
 its id, training sites and target site). A train instruction adds the global weights (`arrays`,
 every entry of the global state_dict), the client's name and the round; the reply
-carries only the entries the strategy aggregates (`arrays`) and `metrics` (`num-examples`, `loss`,
+carries only the entries the strategy aggregates (`arrays`; none under --secagg, where they go
+through SecAgg+: `federated/flower/secagg.py`) and `metrics` (`num-examples`, `loss`,
 `seconds` of the node's work and the strategy's logged values as `log.<name>`). A train instruction
 also carries the round's `payload` when the strategy has one (`Strategy.round_payload`, e.g.
 FedMRI's last encoders, FL-MRCM's target bank). A context instruction (`query.context`) asks a

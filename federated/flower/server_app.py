@@ -28,7 +28,8 @@ from federated.experiment import Experiment
 from federated.flower.messages import (ARRAYS, CLIENTS_QUERY, CONFIG, CONTEXT, CONTEXT_QUERY, EVALUATE, METRICS,
                                        SITE_QUERY, TRAIN, check_context_reply, check_train_reply, context_content,
                                        from_arrays, reply_logs, study_config, to_arrays, train_content)
-from federated.flower.options import check_flower_support, parse_flower_options
+from federated.flower import secagg
+from federated.flower.options import check_flower_support, check_secagg_sites, parse_flower_options
 from federated.server import RunStopped, run_study
 from federated.strategies import STRATEGIES
 from federated.strategies.base import State, Strategy
@@ -137,6 +138,7 @@ class FlowerExchange:
         if len(test_sites) != 1:
             raise UserError(f"--test_dataset {o.test_dataset}: name exactly one target site")
         test_site = test_sites[0]
+        check_secagg_sites(o, train_sites)
         if self.strategy.personalized and test_site not in train_sites:
             raise UserError(f"--strategy {o.strategy} on Flower: each client's model is evaluated on its own "
                             f"node's data, so --test_dataset must be one of the training sites {train_sites}")
@@ -185,6 +187,8 @@ class FlowerExchange:
 
     def train(self, rnd: int, global_state: State, clients: list[Client],
               payload: State) -> list[ClientUpdate | LeftOut]:
+        """Each client's update; under --secagg every ClientUpdate holds the round's securely
+        aggregated weighted mean instead (`_secure_round`)."""
         self.round = rnd
         self._refresh()
         outcome: dict[str, ClientUpdate | LeftOut] = {}
@@ -196,7 +200,8 @@ class FlowerExchange:
                 continue
             content = train_content(global_state, self.study, c.name, rnd, payload)
             outgoing.append((c.name, Message(content, dst_node_id=nid, message_type=TRAIN, group_id=str(rnd))))
-        expected = shared_entries(self.strategy, global_state)
+        # Under --secagg a reply carries no weights: the node keeps its client's update.
+        expected = {} if self.opts.secagg else shared_entries(self.strategy, global_state)
         by_name = {c.name: c for c in clients}
         for name, reply in self._send(outgoing, self.flower.reply_timeout).items():
             c = by_name[name]
@@ -211,7 +216,42 @@ class FlowerExchange:
                 state = from_arrays(reply.content.array_records[ARRAYS])
                 outcome[c.name] = ClientUpdate(c, state, float(metrics["loss"]), reply_logs(metrics),
                                                float(metrics["seconds"]))
+        if self.opts.secagg:
+            self._secure_round(rnd, global_state, outcome)
         return [outcome[c.name] for c in clients]
+
+    def _secure_round(self, rnd: int, global_state: State, outcome: dict[str, ClientUpdate | LeftOut]) -> None:
+        """The trained clients' weighted mean update by SecAgg+ over their nodes (`secagg.secure_mean`):
+        each of their ClientUpdates gets global + mean as its state, the same tensors for all, so the
+        strategy's weighted mean of them is that mean. A client whose node is not in the secure sum
+        is left out. Shared integer entries keep their global value."""
+        trained = [u.client for u in outcome.values() if isinstance(u, ClientUpdate)]
+        weights = dict(zip((c.name for c in trained), self.strategy.client_weights(trained)))
+        nodes: dict[int, tuple[str, dict[str, float]]] = {}
+        for c in trained:
+            nodes.setdefault(self.node_of(c.site), (c.site, {}))[1][c.name] = weights[c.name]
+        if len(nodes) < 2:
+            for c in trained:
+                outcome[c.name] = LeftOut(c, "secure aggregation needs clients of at least two sites in a round; "
+                                             f"only site {c.site}'s trained")
+            return
+        shared = [k for k in global_state if self.strategy.is_shared(k)]
+        keys = secagg.secure_keys(global_state, shared)
+        o = self.opts
+        settings = secagg.Settings(o.secagg_clip, o.secagg_quantization, o.secagg_threshold, self.flower.reply_timeout)
+        result = secagg.secure_mean(self.grid, rnd, nodes, {k: global_state[k].shape for k in keys}, self.study_id,
+                                    o.seed, settings)
+        if result.mean is not None:
+            state = {**{k: global_state[k] for k in shared},
+                     **{k: (global_state[k].double() + result.mean[k].to(global_state[k].device)).to(global_state[k].dtype)
+                        for k in keys}}
+        for c in trained:
+            nid = self.node_of(c.site)
+            if nid in result.nodes:
+                outcome[c.name].state = state
+            else:
+                problem = result.problems.get(nid, "its node is not in the secure sum")
+                outcome[c.name] = LeftOut(c, f"secure aggregation: {problem}")
 
     def _evaluate_at(self, work: dict[str, dict], global_state: State | None) -> dict[str, dict | None]:
         """Send each site its evaluation work (config entries); each site's parsed result or None."""

@@ -36,6 +36,11 @@ def node_site(node_config: dict) -> str:
     return site
 
 
+def study_state_dir(node_config: dict, study_id: str) -> Path:
+    """Where this node keeps the state of study `study_id`'s clients."""
+    return Path(str(node_config["state-dir"])) / study_id
+
+
 class SiteNode:
     def __init__(self, node_config: dict, study: dict):
         self.site = node_site(node_config)
@@ -49,7 +54,7 @@ class SiteNode:
         opts.device = node_config.get("device", opts.device)
         self.opts = opts
         self.device = resolve_device(opts.device)
-        self.state_dir = Path(node_config["state-dir"]) / study["study"]
+        self.state_dir = study_state_dir(node_config, study["study"])
 
         seed_everything(opts.seed)
         registry, _ = resolve_registry(opts)

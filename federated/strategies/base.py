@@ -61,6 +61,11 @@ class Strategy:
     dpsgd_refusal: str | None = None
     # Client-level DP (--dp_clip) needs a federation of updates to clip; None: this method has one.
     client_dp_refusal: str | None = None
+    # Why secure aggregation (--secagg on Flower) would be wrong with this method (None: it is not).
+    # The server then holds only the weighted mean of the clients' shared entries, never one
+    # client's: a method whose server step needs anything else (each client's weights, per-client
+    # server state) overrides `aggregate` and must refuse here.
+    secagg_refusal: str | None = None
 
     def __init__(self, opts: argparse.Namespace):
         self.opts = opts

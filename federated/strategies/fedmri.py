@@ -30,6 +30,8 @@ class FedMRI(Strategy):
     summary = ("FedMRI: shared encoder, a decoder per client, weight-space contrastive term "
                "towards the global encoder")
     personalized = True
+    secagg_refusal = ("its contrastive term needs each client's own encoder from the last round, and under "
+                      "secure aggregation the server holds only their weighted mean")
 
     def __init__(self, opts: argparse.Namespace):
         super().__init__(opts)

@@ -9,6 +9,7 @@ class Local(Strategy):
     schedule_per_epoch = True
     personalized = True
     client_dp_refusal = "local training exchanges nothing, so there is no client update to clip and noise"
+    secagg_refusal = "local training exchanges nothing, so there is no sum to protect"
 
     def is_shared(self, key: str) -> bool:
         return False
