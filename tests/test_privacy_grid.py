@@ -18,7 +18,8 @@ GRID = REPO_ROOT / "experiments" / "grids" / "privacy.json"
 
 
 def test_grid_has_the_non_private_run_and_both_mechanisms():
-    assert [r.name for r in load_grid(GRID, "demo", []).runs] == ["none_0", "dp-0.3_0", "dp-1_0", "dp-3_0"]
+    assert [r.name for r in load_grid(GRID, "demo", []).runs] == ["none_0", "dp-0.3_0", "dp-1_0", "dp-3_0",
+                                                                "dpsgd-1_0"]
     paper = load_grid(GRID, "paper", [])
     flags = {r.name: " ".join(r.argv) for r in paper.runs}
     assert "--dp_" not in flags["none_0"].replace("--dp_delta", "") and "--dpsgd" not in flags["none_0"]
