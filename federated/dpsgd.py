@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import warnings
 from typing import Iterator
 
@@ -207,6 +208,33 @@ def private_training(client, model: nn.Module, optimizer: torch.optim.Optimizer,
         return contextlib.nullcontext()
     return PrivateTraining(model, optimizer, len(client.dataset), opts, client.generator,
                            client.dpsgd_history, device)
+
+
+def epsilon_after(num_samples: int, rounds: int, opts) -> float:
+    """A client's epsilon at --dp_delta after `rounds` local updates of --local_ep epochs over
+    `num_samples` slices, as `PrivateTraining` accounts them (Opacus's RDP accountant: every epoch
+    ceil(N / B) Poisson steps at rate 1 / ceil(N / B))."""
+    q, steps = sampling(num_samples, opts.local_bs)
+    accountant = _opacus().accountants.RDPAccountant()
+    accountant.history = [(opts.dpsgd_noise, q, steps * opts.local_ep * rounds)]
+    return float(accountant.get_epsilon(opts.dp_delta))
+
+
+def stop_reason(selected: list, metrics: list[dict], opts) -> str | None:
+    """Why the next round must not run under --dp_max_epsilon: a selected client whose DP-SGD epsilon
+    would pass the budget in it (None: it may). The rounds a client trained in are its epsilon rows in
+    `metrics` (checkpointed with the run), so the server decides it with the clients' state elsewhere
+    (on Flower, on the nodes)."""
+    if opts.dp_max_epsilon is None or not enabled(opts):
+        return None
+    trained = Counter(r["model"] for r in metrics if r.get("split") == "privacy" and r.get("mechanism") == "dpsgd")
+    for client in selected:
+        epsilon = epsilon_after(client.num_slices, trained[client.name] + 1, opts)
+        if epsilon > opts.dp_max_epsilon:
+            spent = epsilon_after(client.num_slices, trained[client.name], opts) if trained[client.name] else 0.0
+            return (f"one more round would take client {client.name}'s DP-SGD epsilon to {epsilon:.4g}, above "
+                    f"--dp_max_epsilon {opts.dp_max_epsilon:g} (delta {opts.dp_delta:g}); spent so far: {spent:.4g}")
+    return None
 
 
 def epsilon_row(rnd: int, client_name: str, site: str, epsilon: float, delta: float) -> dict:

@@ -146,16 +146,20 @@ def add_privacy_arguments(group) -> None:
                             "the clipped updates")
     group.add_argument("--dp_delta", type=float, default=1e-5, help="delta at which epsilon is reported")
     group.add_argument("--dp_max_epsilon", type=float, default=None,
-                       help="stop the run before a round would take epsilon above this")
+                       help="stop the run before a round would take epsilon above this: client-level DP's, "
+                            "or with DP-SGD any selected client's")
 
 
 def check_privacy_options(opts) -> None:
     """One-line errors for the DP flags (before anything is written)."""
     if (opts.dp_clip is None) != (opts.dp_noise is None):
         raise UserError("--dp_clip and --dp_noise go together: give both (or neither)")
+    if opts.dp_max_epsilon is not None and opts.dp_max_epsilon <= 0:
+        raise UserError(f"--dp_max_epsilon {opts.dp_max_epsilon}: must be positive")
     if opts.dp_clip is None:
-        if opts.dp_max_epsilon is not None:
-            raise UserError("--dp_max_epsilon needs client-level DP: add --dp_clip and --dp_noise")
+        if opts.dp_max_epsilon is not None and getattr(opts, "dpsgd_noise", None) is None:
+            raise UserError("--dp_max_epsilon needs DP: add --dp_clip and --dp_noise (client-level) or "
+                            "--dpsgd_noise and --dpsgd_clip (DP-SGD)")
         return
     if opts.dp_clip <= 0:
         raise UserError(f"--dp_clip {opts.dp_clip}: must be positive")
@@ -163,8 +167,6 @@ def check_privacy_options(opts) -> None:
         raise UserError(f"--dp_noise {opts.dp_noise}: must be 0 or more")
     if not 0 < opts.dp_delta < 1:
         raise UserError(f"--dp_delta {opts.dp_delta}: must be in (0, 1)")
-    if opts.dp_max_epsilon is not None and opts.dp_max_epsilon <= 0:
-        raise UserError(f"--dp_max_epsilon {opts.dp_max_epsilon}: must be positive")
     if opts.weighting == "samples":
         raise UserError("--weighting samples: DP-FedAvg's accounting needs uniform weights; drop --weighting "
                         "samples or the --dp_ flags")

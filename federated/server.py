@@ -231,6 +231,8 @@ def run_study(run: RunDir, exp: Experiment, model: nn.Module, strategy: Strategy
         selected = select_clients(exp.clients, opts.frac, state.server_generator)
         if strategy.privacy is not None and (why := strategy.privacy.stop_reason(len(selected), len(exp.clients))):
             raise RunStopped(f"round {rnd}: {why}")
+        if why := dpsgd.stop_reason(selected, state.metrics, opts):
+            raise RunStopped(f"round {rnd}: {why}")
         rows = run_round(rnd, strategy, state, selected, exchange, opts, log, exp)
         if strategy.privacy is not None:
             rows.append(strategy.privacy.spend(rnd, len(selected), len(exp.clients)))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from federated.dpsgd import PrivateTraining, check_dpsgd_options, sampling
+from federated.dpsgd import PrivateTraining, check_dpsgd_options, epsilon_after, sampling
 from federated.strategies import STRATEGIES
 from federated.tasks import TASKS
 from models.unet import Unet
@@ -179,9 +179,12 @@ def test_epsilon_per_client_is_opacus_and_resume_is_the_same_run(tiny_root, tmp_
     slices = TINY.train * TINY.slices  # each training site's slices
     q, steps_per_round = sampling(slices, 4)
     assert (q, steps_per_round) == (0.5, 2)
+    opts = argparse.Namespace(local_bs=4, local_ep=1, dpsgd_noise=1.1, dp_delta=1e-5)
     for r in rows:
         ref = opacus_epsilon(1.1, q, steps_per_round * int(r["round"]), 1e-5)
         assert float(r["epsilon"]) == pytest.approx(ref, rel=1e-5)  # metrics.csv keeps 6 digits
+        # what the budget stop computes server-side from the rounds trained
+        assert epsilon_after(slices, int(r["round"]), opts) == pytest.approx(ref, rel=1e-9)
         assert r["site"] == r["model"] and float(r["delta"]) == 1e-5
 
     assert [(r["round"], r["model"], r["epsilon"]) for r in epsilon_rows(part)] == \
@@ -192,12 +195,28 @@ def test_epsilon_per_client_is_opacus_and_resume_is_the_same_run(tiny_root, tmp_
     assert a["clients"]["B"]["dpsgd_history"] == b["clients"]["B"]["dpsgd_history"] == [[1.1, 0.5, 6]]
 
 
+def test_max_epsilon_stops_a_dpsgd_run_before_a_client_would_pass_it(tiny_root, tmp_path, capsys):
+    q, steps_per_round = sampling(TINY.train * TINY.slices, 4)
+    budget = opacus_epsilon(1.1, q, 2 * steps_per_round, 1e-5) * 1.001  # rounds 1 and 2 fit, 3 does not
+    run = tmp_path / "run"
+    args = TINY_RUN + ["--data_root", str(tiny_root), "--epochs", "3", "--save_dir", str(run),
+                       "--dp_max_epsilon", str(budget)] + DPSGD
+    assert run_cli(args) == 1
+    err = capsys.readouterr().err
+    assert "round 3: one more round would take client B's DP-SGD epsilon to" in err
+    assert f"--dp_max_epsilon {budget:g}" in err
+    assert torch.load(run / "last.pt", weights_only=True)["round"] == 2
+    assert sorted({int(r["round"]) for r in epsilon_rows(run)}) == [1, 2]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--dpsgd_noise", "-1", "--dpsgd_clip", "1"], "--dpsgd_noise -1.0: must be 0 or more"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "0"], "--dpsgd_clip 0.0: must be positive"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "-2"], "--dpsgd_clip -2.0: must be positive"),
     (["--dpsgd_noise", "1"], "--dpsgd_noise and --dpsgd_clip go together"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--dp_delta", "0"], "--dp_delta 0.0: must be in (0, 1)"),
+    (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--dp_max_epsilon", "0"], "--dp_max_epsilon 0.0: must be positive"),
+    (["--dp_max_epsilon", "5"], "--dp_max_epsilon needs DP"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--norm", "batch"], "--norm batch: Opacus cannot train"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--model", "varnet"], "--model varnet with DP-SGD"),
     (["--dpsgd_noise", "1", "--dpsgd_clip", "1", "--task", "synthesis"], "--task synthesis with DP-SGD"),
