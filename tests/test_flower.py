@@ -28,6 +28,7 @@ from federated.flower.server_app import serve  # noqa: E402
 from federated.strategies.fedbn import norm_keys  # noqa: E402
 from models.unet import Unet  # noqa: E402
 from tests.conftest import TINY_RUN, run_cli  # noqa: E402
+from tests.test_dpsgd import opacus_epsilon  # noqa: E402
 from tests.test_fl_mr import final_weights, read_metrics  # noqa: E402
 from utils.seeding import capture_rng, restore_rng  # noqa: E402
 
@@ -173,6 +174,22 @@ def test_fedbn_norm_weights_never_reach_the_server(tiny_root, tmp_path, task_ide
 
 def test_fedprox_on_flower_equals_in_process(tiny_root, tmp_path, task_identity):
     flower_and_in_process(tiny_root, tmp_path, ["--strategy", "fedprox", "--mu", "0.1", "--test_dataset", "F"], "BF")
+    assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
+
+
+def test_dpsgd_on_flower_equals_in_process_and_its_budget_stops_both_alike(tiny_root, tmp_path, task_identity):
+    """The nodes keep each client's accountant; the server logs the same epsilons and, under
+    --dp_max_epsilon (counted from those rows), stops before the same round."""
+    budget = opacus_epsilon(1.1, 0.5, 4, 1e-5) * 1.001  # 2 rounds of 2 steps at q 0.5 fit, a third does not
+    common = TINY_RUN + ["--data_root", str(tiny_root), "--train_dataset", "BF", "--test_dataset", "F",
+                         "--dpsgd_noise", "1.1", "--dpsgd_clip", "1.0", "--epochs", "3",
+                         "--dp_max_epsilon", str(budget)]
+    grid = InProcessGrid(node_configs(tiny_root, tmp_path, "BF"))
+    assert serve(grid, common + ["--save_dir", str(tmp_path / "flower"), "--node_wait", "0"]) == 1
+    assert run_cli(common + ["--save_dir", str(tmp_path / "local")]) == 1
+    for side in ("flower", "local"):
+        assert torch.load(tmp_path / side / "last.pt", weights_only=True)["round"] == 2
+    assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
     assert_same_weights(final_weights(tmp_path / "flower"), final_weights(tmp_path / "local"))
 
 
