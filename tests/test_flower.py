@@ -309,6 +309,18 @@ def test_missing_site_and_unsupported_method_are_user_errors(tiny_root, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, line", [(["--node_wait", "-1"], "--node_wait -1: must be 0 or more"),
+                                         (["--reply_timeout", "0"], "--reply_timeout 0: must be positive")])
+def test_bad_waits_are_one_line_on_the_server_and_the_launcher(tmp_path, capsys, flags, line):
+    from federated.flower.local import main
+    args = TINY_RUN + ["--save_dir", str(tmp_path / "run")] + flags
+    for entry in (lambda: serve(InProcessGrid([]), args), lambda: main(args)):
+        code = entry()
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and line in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- real processes on localhost ---------------------------------------------------------------
 def processes_under(folder) -> list[int]:
     """PIDs of live processes whose FLWR_HOME lies under `folder` (every process a deployment

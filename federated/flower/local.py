@@ -26,7 +26,7 @@ from data.sites import parse_site_list
 from federated.cli import resolve_options
 from federated.experiment import resolve_registry
 from federated.flower.credentials import make_node_key, make_tls
-from federated.flower.options import check_flower_support, parse_flower_options
+from federated.flower.options import check_flower_support, check_waits, parse_flower_options
 from federated.strategies import STRATEGIES
 from utils.console import Console
 from utils.errors import UserError
@@ -254,6 +254,7 @@ def main(argv: list[str]) -> int:
     opts, flower = parse_flower_options(argv, PROG)
     log = Console(quiet=opts.quiet, verbose=opts.verbose)
     try:
+        check_waits(flower)
         if not (APP_DIR / "pyproject.toml").is_file():
             raise UserError(f"{APP_DIR}: no pyproject.toml; run {PROG} from a fedrecon source checkout "
                             "(`flwr run` builds the Flower app from it)")

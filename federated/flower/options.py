@@ -54,10 +54,15 @@ def parse_flower_options(argv: Sequence[str], prog: str) -> tuple[argparse.Names
     """(the run's options as main_fl_mr.py parses them, the Flower flags)."""
     opts = parse_options(argv, prog, "fedavg", "A federated study on Flower.", extend=add_flower_arguments)
     flower = argparse.Namespace(**{k: vars(opts).pop(k) for k in FLOWER_FLAGS})
-    if flower.node_wait < 0 or flower.reply_timeout <= 0:
-        raise UserError(f"--node_wait {flower.node_wait} / --reply_timeout {flower.reply_timeout}: "
-                        "must be 0 or more / positive")
     return opts, flower
+
+
+def check_waits(flower: argparse.Namespace) -> None:
+    """The server's waits: --node_wait 0 or more, --reply_timeout positive."""
+    if flower.node_wait < 0:
+        raise UserError(f"--node_wait {flower.node_wait:g}: must be 0 or more (seconds)")
+    if flower.reply_timeout <= 0:
+        raise UserError(f"--reply_timeout {flower.reply_timeout:g}: must be positive (seconds)")
 
 
 def check_secagg_flags(opts: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ from federated.flower.messages import (ARRAYS, CLIENTS_QUERY, CONFIG, CONTEXT, C
                                        SITE_QUERY, TRAIN, check_context_reply, check_train_reply, context_content,
                                        from_arrays, reply_logs, study_config, to_arrays, train_content)
 from federated.flower import secagg
-from federated.flower.options import check_flower_support, check_secagg_sites, parse_flower_options
+from federated.flower.options import check_flower_support, check_secagg_sites, check_waits, parse_flower_options
 from federated.server import RunStopped, run_study
 from federated.strategies import STRATEGIES
 from federated.strategies.base import State, Strategy
@@ -56,6 +56,7 @@ def serve(grid: Grid, argv: list[str]) -> int:
     opts, flower = parse_flower_options(argv, PROG)
     log = Console(quiet=opts.quiet, verbose=opts.verbose)
     try:
+        check_waits(flower)
         opts = resolve_options(opts, argv, log)
         strategy = STRATEGIES[opts.strategy](opts)
         check_flower_support(opts, strategy)
