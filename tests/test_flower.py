@@ -372,6 +372,26 @@ def test_mrcm_features_over_localhost_equals_in_process(tiny_root, tmp_path):
     assert without_seconds(read_metrics(tmp_path / "flower")) == without_seconds(read_metrics(tmp_path / "local"))
 
 
+def restart_until_active(d, site: str, timeout: float = 300.0) -> None:
+    """Start `site`'s SuperNode again until the SuperLink activates it. It refuses (the node exits
+    with code 305) while it still counts the stopped one online, which lasts until that one's
+    heartbeats lapse (about a minute) when its own deactivation did not get through."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = d.dir / f"node-{site}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        proc = d.start_node(site)
+        while proc.popen.poll() is None and time.monotonic() < deadline:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                if b"SuperNode ID:" in f.read():
+                    return
+            time.sleep(0.5)
+        assert time.monotonic() < deadline, f"the SuperLink did not take the restarted node {site}; see {log}"
+        d.stop(f"node-{site}")  # what it started (its SuperExec) goes with it
+        time.sleep(2.0)
+
+
 @pytest.mark.slow
 def test_killed_supernode_is_left_out_and_rejoins_with_its_saved_state(tiny_root, tmp_path):
     from federated.flower.local import LocalDeployment
@@ -391,7 +411,7 @@ def test_killed_supernode_is_left_out_and_rejoins_with_its_saved_state(tiny_root
         while "round 2: client F trains" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         d.stop("node-F")  # during its round-2 update
-        d.start_node("F")
+        restart_until_active(d, "F")
         study.join(900)
         assert result.get("code") == 0, "\n".join(lines[-30:])
         assert "round 3: client F trains from its saved round 1 state" in d.processes["node-F"].log.read_text()
