@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 import warnings
+from collections import Counter
 from typing import Iterator
 
 import torch

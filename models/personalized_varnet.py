@@ -10,9 +10,7 @@ The VarNet's own state_dict keys are unchanged; the additions live under ``mappe
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from data.transforms import ifft2c, rss
 from models.personalized_unet import Mapper, StyledUnet, style_latent
 from models.varnet import VarNet
 
@@ -53,9 +51,5 @@ class PersonalizedVarNet(VarNet):
                 num_low_frequencies: int | torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:
         """Complex ``(B, C, H, W)`` k-space, bool ``(B, 1, 1, W)`` mask, ACS widths, code -> real
         ``(B, H, W)`` RSS image."""
-        w = style_latent(self.mapper, code, len(masked_kspace))
-        sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
-        kspace_pred = masked_kspace
-        for cascade in self.cascades:
-            kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps, w)
-        return rss(ifft2c(kspace_pred), dim=1)
+        return super().forward(masked_kspace, mask, num_low_frequencies,
+                               style_latent(self.mapper, code, len(masked_kspace)))

@@ -255,12 +255,14 @@ class VarNet(nn.Module):
         masked_kspace: torch.Tensor,
         mask: torch.Tensor,
         num_low_frequencies: int | torch.Tensor | None = None,
+        *style: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
             masked_kspace: complex ``(B, C, H, W)``.
             mask: bool ``(B, 1, 1, W)``.
             num_low_frequencies: ACS width per sample, see :func:`acs_columns`.
+            style: what every cascade's regulariser takes besides the image (`VarNetBlock`), if anything.
 
         Returns:
             real ``(B, H, W)``: RSS over the coils of the final k-space's images.
@@ -268,7 +270,7 @@ class VarNet(nn.Module):
         sens_maps = self.sens_net(masked_kspace, mask, num_low_frequencies)
         kspace_pred = masked_kspace
         for cascade in self.cascades:
-            kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps)
+            kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps, *style)
         return rss(ifft2c(kspace_pred), dim=1)
 
 

@@ -236,14 +236,14 @@ class FlowerExchange:
                 outcome[c.name] = LeftOut(c, "secure aggregation needs clients of at least two sites in a round; "
                                              f"only site {c.site}'s trained")
             return
-        shared = [k for k in global_state if self.strategy.is_shared(k)]
-        keys = secagg.secure_keys(global_state, shared)
+        shared = shared_entries(self.strategy, global_state)
+        keys = secagg.secure_keys(global_state, list(shared))
         o = self.opts
         settings = secagg.Settings(o.secagg_clip, o.secagg_quantization, o.secagg_threshold, self.flower.reply_timeout)
         result = secagg.secure_mean(self.grid, rnd, nodes, {k: global_state[k].shape for k in keys}, self.study_id,
                                     o.seed, settings)
         if result.mean is not None:
-            state = {**{k: global_state[k] for k in shared},
+            state = {**shared,
                      **{k: (global_state[k].double() + result.mean[k].to(global_state[k].device)).to(global_state[k].dtype)
                         for k in keys}}
         for c in trained:
