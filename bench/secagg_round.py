@@ -23,6 +23,7 @@ import torch
 
 from bench.common import base_parser, load_average, med, setup, spread, synthetic_root
 from bench.flower_round import study
+from federated.flower.options import SECAGG_DEFAULTS
 
 
 def main(argv=None) -> None:
@@ -52,8 +53,9 @@ def main(argv=None) -> None:
                      for kind in ("plain", "secagg"))
     diff = max(float((secure[k].double() - plain[k].double()).abs().max())
                for k in plain if plain[k].is_floating_point())
+    bound = 2 * SECAGG_DEFAULTS["secagg_clip"] / SECAGG_DEFAULTS["secagg_quantization"]
     print(f"  largest weight difference after {args.rounds} rounds: {diff:.2e} (one round's bound: 2 clip / T = "
-          f"{16 / 2**22:.2e})")
+          f"{bound:.2e})")
     print(f"load average at the end {load_average()}")
 
 
