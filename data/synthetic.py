@@ -4,7 +4,7 @@ The brain sites mimic the FL-MRCM setting without any download; K adds fastMRI's
 
     F  fastMRI-like   singlecoil HDF5 k-space, smooth image phase, sharp, low noise; T1, T2
     H  HPKS-like      singlecoil HDF5 k-space (wider phase-encode matrix), weak phase, blurred,
-                      noisier, strong coil shading, smaller head in a larger field of view; T1, T2
+                      noisier (1.5 T), strong coil shading; T1, T2
     I  IXI-like       NIfTI int16 magnitude with skull, zero phase, Rician noise; T1, T2, PD
     B  BraTS-like     NIfTI float32 magnitude, skull-stripped, with glioma-like lesions, native
                       matrix smaller than R (a reader pads it), extra end slices cut by
@@ -70,7 +70,7 @@ __all__ = [
     "write_synthetic_sites",
 ]
 
-GENERATOR_VERSION = 4  # bump whenever the generated arrays change for the same parameters
+GENERATOR_VERSION = 5  # bump whenever the generated arrays change for the same parameters
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,11 @@ class SiteSpec:
     sequences: the site's contrasts, name -> signal model (times in ms).
     fov_mm: in-plane field of view at resolution R (voxel = fov_mm / R); the head is about 185 mm
         long, so a larger FOV gives a smaller head in the image.
-    noise: noise std relative to the mean head intensity (complex Gaussian in k-space for HDF5
-        sites, Rician on the magnitude for NIfTI sites).
-    sharpness: k-space cutoff relative to Nyquist (1 = full resolution, smaller = blurrier).
+    noise: noise std relative to the mean head intensity before the resolution window (complex
+        Gaussian in k-space for HDF5 sites; for NIfTI sites complex Gaussian on the image, whose
+        magnitude they store, so that its noise is Rician).
+    sharpness: k-space cutoff relative to Nyquist (1 = full resolution, smaller = blurrier); the
+        window filters signal and noise alike.
     bias: std of the log of the smooth multiplicative intensity (coil shading) field.
     phase: amplitude in radians of the smooth image phase (0 = real, non-negative image).
     skull: whether the skull and scalp are kept (False = skull-stripped, zeros outside the brain).
@@ -117,9 +119,9 @@ SITES: dict[str, SiteSpec] = {
     ),
     "H": SiteSpec(
         description="HPKS-like: singlecoil HDF5 k-space, wider phase-encode matrix, weak phase, "
-                    "blurrier and noisier, strong coil shading, large field of view",
+                    "blurrier and noisier (1.5 T), strong coil shading",
         format="fastmri_h5", sequences={"T1": SpinEcho(1200.0, 25.0), "T2": SpinEcho(2500.0, 75.0)},
-        fov_mm=270.0, noise=0.05, sharpness=0.6, bias=0.30, phase=0.5,
+        fov_mm=240.0, noise=0.05, sharpness=0.6, bias=0.30, phase=0.5,
         skull=True, lesions=False, scale=2.0, field_strength_t=1.5,
     ),
     "I": SiteSpec(
@@ -320,14 +322,21 @@ def _extra_slices(site: str, slices: int) -> int:
     return max(1, slices // 8) if site == "B" else 0
 
 
-def _to_kspace(images: np.ndarray, site: str, r: int, sharpness: float) -> np.ndarray:
+def _to_kspace(images: np.ndarray, site: str, r: int) -> np.ndarray:
     """Images `(..., R, R)` -> the site's k-space `(..., H_k, W_k)` complex64: zero-padded to the
-    encoded field of view (the inverse of center_crop), centred FFT, the site's resolution window."""
+    encoded field of view (the inverse of center_crop), centred FFT."""
     hk, wk = kspace_shape(site, r)
     full = np.zeros(images.shape[:-2] + (hk, wk), np.complex64)
     h0, w0 = (hk - r) // 2, (wk - r) // 2
     full[..., h0:h0 + r, w0:w0 + r] = images
-    return fft2c(full) * _kspace_window((hk, wk), sharpness)
+    return fft2c(full)
+
+
+def _measured(kspace: np.ndarray, noise: np.ndarray, sharpness: float) -> np.ndarray:
+    """What a scan keeps of k-space `(..., H_k, W_k)`: signal plus receiver noise, both through the
+    site's resolution window. The noise is filtered too: a lower-resolution acquisition has no
+    noise beyond its resolution (and so less noise per pixel), as a real one does not."""
+    return (kspace + noise) * _kspace_window(kspace.shape[-2:], sharpness)
 
 
 def _acquired(kspace: np.ndarray, site: str, r: int) -> np.ndarray:
@@ -392,9 +401,10 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
         volume = _Volume(subject=subject, sequence=sequence, slice_mm=slice_mm)
         if spec.format == "fastmri_h5":
             image = magnitude * np.exp(1j * _phase(rng, magnitude.shape, spec.phase))
-            kspace = _to_kspace(image, site, r, spec.sharpness)
+            kspace = _to_kspace(image, site, r)
             noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(sigma)
-            kspace = ((kspace + noise[0] + 1j * noise[1]) * (spec.scale * gain)).astype(np.complex64)
+            kspace = _measured(kspace, noise[0] + 1j * noise[1], spec.sharpness)
+            kspace = (kspace * (spec.scale * gain)).astype(np.complex64)
             volume.kspace = kspace
             volume.target = np.abs(center_crop(ifft2c(kspace), (r, r))).astype(np.float32)
             volumes.append(volume)
@@ -405,16 +415,17 @@ def generate_subject(config: SyntheticConfig, site: str, split: str, index: int)
                     coils = _coils(_rng(config.seed, site_key, split_key, index, 10), config.coils,
                                    _HEAD_COIL_RADIUS_MM, coords, (2, 1, 0), inside)
                 maps, covariance = coils
-                coil_k = _to_kspace(maps * image[:, None], site, r, spec.sharpness)
+                coil_k = _to_kspace(maps * image[:, None], site, r)
                 noise_rng = _rng(config.seed, site_key, split_key, index, 20 + key)
-                coil_k += correlated_noise(noise_rng, covariance, coil_k.shape, sigma)
+                coil_k = _measured(coil_k, correlated_noise(noise_rng, covariance, coil_k.shape, sigma),
+                                   spec.sharpness)
                 coil_k = (coil_k * (spec.scale * gain)).astype(np.complex64)
                 volumes.append(_Volume(subject, sequence, "multicoil", coil_k, _rss_target(coil_k, r),
                                        slice_mm=slice_mm))
             continue
-        image = _lowpass(magnitude, spec.sharpness)
-        noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * np.float32(sigma)
-        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude
+        noise = rng.standard_normal((2, *magnitude.shape), dtype=np.float32) * np.float32(sigma)
+        # Rician magnitude of the noisy image seen through the site's resolution window.
+        image = np.abs(_lowpass(magnitude + noise[0] + 1j * noise[1], spec.sharpness))
         if not spec.skull:
             image = image * phantom.brain
         volume.image = (image * (spec.scale * gain)).astype(np.float32)
@@ -462,22 +473,24 @@ def _knee_subject(config: SyntheticConfig, site: str, split: str, index: int) ->
         esc_image = np.tensordot(coil_images, weights.astype(np.complex64), axes=([1], [0]))
         a = weights.conj()
         esc_sigma = sigma * float(np.sqrt(np.real(a.conj() @ covariance @ a)))
-        kspace = _to_kspace(esc_image, site, r, spec.sharpness)
+        kspace = _to_kspace(esc_image, site, r)
         noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(esc_sigma)
         esc_noise = noise[0] + 1j * noise[1]
-        kspace = _acquired(((kspace + esc_noise) * unit).astype(np.complex64), site, r)
+        kspace = _measured(kspace, esc_noise, spec.sharpness)
+        kspace = _acquired((kspace * unit).astype(np.complex64), site, r)
         volumes.append(_Volume(subject, sequence, "singlecoil", kspace,
                                np.abs(center_crop(ifft2c(kspace), (r, r))).astype(np.float32),
                                slice_mm=step))
         if config.multicoil:
-            coil_k = _to_kspace(coil_images, site, r, spec.sharpness)
+            coil_k = _to_kspace(coil_images, site, r)
             noise = correlated_noise(_rng(config.seed, site_key, split_key, index, 20 + key),
                                      covariance, coil_k.shape, sigma)
             # Condition on sum_c w_c noise_c = esc_noise (a Gaussian conditional).
             gain_vector = (covariance @ a) / np.real(a.conj() @ covariance @ a)
             residual = esc_noise - np.tensordot(noise, weights.astype(np.complex64), axes=([1], [0]))
             noise += gain_vector.astype(np.complex64)[None, :, None, None] * residual[:, None]
-            coil_k = _acquired(((coil_k + noise) * unit).astype(np.complex64), site, r)
+            coil_k = _measured(coil_k, noise, spec.sharpness)  # linear: the sum_c w_c relation holds
+            coil_k = _acquired((coil_k * unit).astype(np.complex64), site, r)
             volumes.append(_Volume(subject, sequence, "multicoil", coil_k, _rss_target(coil_k, r),
                                    slice_mm=step))
     return volumes

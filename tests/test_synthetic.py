@@ -288,11 +288,16 @@ def test_default_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, 
 
 def _features(volume: np.ndarray) -> np.ndarray:
     """Scale-free statistics of a `(S, R, R)` volume: head share of the FOV, mean head intensity
-    relative to the bright end, and the noise in the image corners relative to the head mean."""
+    relative to the bright end, the noise in the image corners relative to the head mean, and the
+    resolution: the shares of the spectrum's energy beyond 0.3 and 0.4 cycles per pixel (log10)."""
     v = volume / np.percentile(volume, 99.5)
     head = v > 0.15
     corners = np.concatenate([v[:, :6, :6], v[:, :6, -6:], v[:, -6:, :6], v[:, -6:, -6:]])
-    return np.array([head.mean(), v[head].mean(), corners.std() / v[head].mean()])
+    power = np.abs(np.fft.fft2(v)) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(v.shape[1]), np.fft.fftfreq(v.shape[2]), indexing="ij")
+    radius = np.hypot(fy, fx)
+    fine = [np.log10(power[:, radius > cut].sum() / power.sum()) for cut in (0.3, 0.4)]
+    return np.array([head.mean(), v[head].mean(), corners.std() / v[head].mean(), *fine])
 
 
 @pytest.mark.parametrize("sequence", ["T1", "T2"])
