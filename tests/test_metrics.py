@@ -1,9 +1,10 @@
-"""Metrics equal fastmri.evaluate's, and the summary over volumes is a mean and a sample std."""
+"""Metrics equal fastmri.evaluate's, SSIM inside the head leaves the background out, and the summary
+over volumes is a mean and a sample std."""
 
 import numpy as np
 import pytest
 
-from utils.metrics import METRIC_FUNCS, nmse, psnr, ssim, summarize, volume_metrics
+from utils.metrics import METRIC_FUNCS, head_mask, nmse, psnr, ssim, ssim_head, summarize, volume_metrics
 
 
 def volumes(seed: int, shape=(3, 40, 36)) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,38 @@ def test_volume_metrics_uses_every_metric() -> None:
     gt, pred = volumes(4)
     row = volume_metrics(gt, pred, maxval=1.5)
     assert set(row) == set(METRIC_FUNCS)
-    assert row == {"nmse": nmse(gt, pred), "psnr": psnr(gt, pred, 1.5), "ssim": ssim(gt, pred, 1.5)}
+    assert row == {"nmse": nmse(gt, pred), "psnr": psnr(gt, pred, 1.5), "ssim": ssim(gt, pred, 1.5),
+                   "ssim_head": ssim_head(gt, pred, 1.5)}
+
+
+def head_phantom(seed: int = 0) -> np.ndarray:
+    """(2, 48, 48): a textured disc with a dark hole (a ventricle) on a noisy background."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[-1:1:48j, -1:1:48j]
+    head = (x**2 + y**2 < 0.6).astype(float) * rng.uniform(0.5, 1.0, (2, 48, 48))
+    head[:, 22:26, 22:26] = 0.02
+    return head + rng.uniform(0, 0.03, head.shape)
+
+
+def test_head_mask_is_the_filled_head() -> None:
+    mask = head_mask(head_phantom())
+    y, x = np.mgrid[-1:1:48j, -1:1:48j]
+    disc = x**2 + y**2 < 0.6
+    assert (mask == disc).mean() > 0.99 and mask[:, 23, 23].all()
+
+
+def test_ssim_head_leaves_the_background_out() -> None:
+    gt = head_phantom()
+    outside = ~head_mask(gt)
+    floor_lost = gt.copy()
+    floor_lost[outside] = 0.0  # a model that draws a clean background under a noisy target's floor
+    assert ssim_head(gt, gt) == pytest.approx(1.0)
+    assert ssim(gt, floor_lost) < 0.9 and ssim_head(gt, floor_lost) > 0.999
+    flattened = gt.copy()
+    flattened[~outside] = gt[~outside].mean()  # the head one grey, the background exact
+    assert ssim_head(gt, flattened) < ssim(gt, flattened) - 0.2
+    assert ssim_head(gt, gt, 2.0) == pytest.approx(1.0)
+    assert np.isnan(ssim_head(np.zeros((1, 16, 16)), np.zeros((1, 16, 16))))
 
 
 def test_shape_errors() -> None:

@@ -19,7 +19,9 @@ from models.synthesis_losses import (SynthesisHyperparameters, constant_then_lin
                                      generator_loss, make_adam)
 from tests.helpers_data import write_fastmri, write_h5_image, write_nifti
 from utils.errors import DataError, UserError
-from utils.synthesis_metrics import head_mask, synthesis_metrics, unit_range
+from tests.test_metrics import head_phantom
+from utils.metrics import head_mask
+from utils.synthesis_metrics import synthesis_metrics, unit_range
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -251,22 +253,6 @@ def test_unregistered_contrasts_are_a_data_error(tmp_path: Path) -> None:
 
 
 # -- metrics ----------------------------------------------------------------------------------
-
-
-def head_phantom(seed: int = 0) -> np.ndarray:
-    """(2, 48, 48): a textured disc with a dark hole (a ventricle) on a noisy background."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[-1:1:48j, -1:1:48j]
-    head = (x**2 + y**2 < 0.6).astype(float) * rng.uniform(0.5, 1.0, (2, 48, 48))
-    head[:, 22:26, 22:26] = 0.02
-    return head + rng.uniform(0, 0.03, head.shape)
-
-
-def test_head_mask_is_the_filled_head() -> None:
-    mask = head_mask(unit_range(head_phantom(), head_phantom()))
-    y, x = np.mgrid[-1:1:48j, -1:1:48j]
-    disc = x**2 + y**2 < 0.6
-    assert (mask == disc).mean() > 0.99 and mask[:, 23, 23].all()
 
 
 def test_metrics_use_the_targets_range_and_separate_the_background() -> None:

@@ -13,13 +13,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def final_table(metrics: list[dict], sites: list[str], method: str, baseline: str = "zero_filled") -> str:
     """Per site: the baseline (zero-filled, or synthesis' identity) vs the last evaluation of the
-    trained model(s), PSNR (dB) and SSIM.
+    trained model(s), PSNR (dB), SSIM and, where the metrics have it, SSIM inside the head.
 
     Where several personalised models were evaluated on one site, their mean is shown.
     """
     val = [r for r in metrics if r.get("split") == "val" and "psnr" in r]
     trained = [r for r in val if r["model"] != baseline]
     last = max((r["round"] for r in trained), default=None)
+    columns = [("psnr", 2), ("ssim", 4)] + ([("ssim_head", 4)] if any("ssim_head" in r for r in val) else [])
     rows = []
     for site in sites:
         # A site scored in parts (synthesis' translations, the `task` column) has a line per part.
@@ -27,11 +28,12 @@ def final_table(metrics: list[dict], sites: list[str], method: str, baseline: st
             here = [r for r in val if r["site"] == site and r.get("task", "") == part]
             zf = [r for r in here if r["model"] == baseline]
             md = [r for r in here if r["model"] != baseline and r["round"] == last]
-            rows.append([f"{site} {part}".strip(), _mean(zf, "psnr", 2), _mean(zf, "ssim", 4),
-                         _mean(md, "psnr", 2), _mean(md, "ssim", 4)])
+            rows.append([f"{site} {part}".strip(), *(_mean(zf, key, digits) for key, digits in columns),
+                         *(_mean(md, key, digits) for key, digits in columns)])
     title = f"validation, round {last}" if last is not None else "validation"
+    names = ["SSIM", "head SSIM"][:len(columns) - 1]
     return f"{title} (PSNR in dB)\n" + format_table(
-        ["site", f"{baseline.replace('_', '-')} PSNR", "SSIM", f"{method} PSNR", "SSIM"], rows)
+        ["site", f"{baseline.replace('_', '-')} PSNR", *names, f"{method} PSNR", *names], rows)
 
 
 def _mean(rows: list[dict], key: str, digits: int) -> str:

@@ -10,30 +10,15 @@ slice (as `utils.metrics.ssim`); inside the head it is the mean of the SSIM map 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-# Fraction of the target's range above which a pixel counts as head before holes are filled.
-HEAD_THRESHOLD = 0.1
+from utils.metrics import head_mask
 
 
 def unit_range(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``volume`` (S, H, W) scaled by ``reference``'s range: reference min -> 0, max -> 1."""
     lo, hi = float(reference.min()), float(reference.max())
     return ((volume - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float64)
-
-
-def head_mask(target: np.ndarray, threshold: float = HEAD_THRESHOLD) -> np.ndarray:
-    """Boolean (S, H, W) head mask of a [0, 1]-scaled target volume: per slice, the largest connected
-    region above ``threshold`` with its holes (ventricles, dark CSF, lesions) filled."""
-    mask = np.zeros(target.shape, dtype=bool)
-    for s, image in enumerate(target):
-        labels, count = ndimage.label(image > threshold)
-        if count == 0:
-            continue
-        largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(image), labels, range(1, count + 1))))
-        mask[s] = ndimage.binary_fill_holes(labels == largest)
-    return mask
 
 
 def synthesis_metrics(target: np.ndarray, synthesised: np.ndarray) -> dict[str, float]:
