@@ -108,7 +108,8 @@ def test_small_clip_bounds_every_per_sample_contribution():
     g = dp_gradient(model, opt, image, target, 0.0, clip)
     for j, x in enumerate(g):
         ref = sum(gs[j] * min(1.0, clip / (n + 1e-6)) for gs, n in zip(per_sample, norms)) / expected_batch
-        torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-8)
+        # atol: float32 rounding of near-zero entries; AVX2 and AVX-512 kernels sum in other orders.
+        torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-7)
 
 
 def test_noise_std_and_the_empty_draw():
