@@ -334,8 +334,8 @@ def _to_kspace(images: np.ndarray, site: str, r: int) -> np.ndarray:
 
 def _measured(kspace: np.ndarray, noise: np.ndarray, sharpness: float) -> np.ndarray:
     """What a scan keeps of k-space `(..., H_k, W_k)`: signal plus receiver noise, both through the
-    site's resolution window. The noise is filtered too: a lower-resolution acquisition has no
-    noise beyond its resolution (and so less noise per pixel), as a real one does not."""
+    site's resolution window. The noise is filtered too: a lower-resolution acquisition records
+    no k-space beyond its resolution, so it has no noise there (and less noise per pixel)."""
     return (kspace + noise) * _kspace_window(kspace.shape[-2:], sharpness)
 
 
