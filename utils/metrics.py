@@ -33,16 +33,21 @@ def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
     return float(peak_signal_noise_ratio(gt, pred, data_range=maxval))
 
 
-def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
-    """Mean over slices of the 2-D SSIM (7 x 7 uniform window) of volumes ``(S, H, W)``, data range
-    ``maxval`` shared by all slices."""
+def ssim_maps(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> tuple[list[float], np.ndarray]:
+    """skimage's 2-D SSIM (7 x 7 uniform window) of every slice of volumes ``(S, H, W)``, data range
+    ``maxval`` shared by all slices: the S per-slice means (fastMRI's values) and the ``(S, H, W)`` maps."""
     _check_volumes(gt, pred)
     if maxval is None:
         maxval = gt.max()
-    total = 0.0
-    for gt_slice, pred_slice in zip(gt, pred):
-        total += structural_similarity(gt_slice, pred_slice, data_range=maxval)
-    return float(total / gt.shape[0])
+    per_slice = [structural_similarity(g, p, data_range=maxval, full=True) for g, p in zip(gt, pred)]
+    return [mean for mean, _ in per_slice], np.stack([ssim_map for _, ssim_map in per_slice])
+
+
+def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
+    """Mean over slices of the 2-D SSIM (7 x 7 uniform window) of volumes ``(S, H, W)``, data range
+    ``maxval`` shared by all slices."""
+    means, _ = ssim_maps(gt, pred, maxval)
+    return _mean_ssim(means)
 
 
 def head_mask(gt: np.ndarray, threshold: float = HEAD_THRESHOLD) -> np.ndarray:
@@ -63,15 +68,21 @@ def head_mask(gt: np.ndarray, threshold: float = HEAD_THRESHOLD) -> np.ndarray:
 
 def ssim_head(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
     """Mean of the SSIM maps of `ssim` (same window and data range) over the `head_mask` pixels of
-    ``gt``; NaN when the volume has no head pixel."""
+    ``gt``; NaN when the volume has no head pixel (then no SSIM is computed)."""
     _check_volumes(gt, pred)
-    if maxval is None:
-        maxval = gt.max()
     mask = head_mask(gt)
     if not mask.any():
         return float("nan")
-    maps = [structural_similarity(g, p, data_range=maxval, full=True)[1] for g, p in zip(gt, pred)]
-    return float(np.stack(maps)[mask].mean())
+    _, maps = ssim_maps(gt, pred, maxval)
+    return float(maps[mask].mean())
+
+
+def _mean_ssim(means: list[float]) -> float:
+    return float(sum(means) / len(means))
+
+
+def _head_ssim(maps: np.ndarray, mask: np.ndarray) -> float:
+    return float(maps[mask].mean()) if mask.any() else float("nan")
 
 
 METRIC_FUNCS: dict[str, Callable[..., float]] = {"nmse": nmse, "psnr": psnr, "ssim": ssim, "ssim_head": ssim_head}
@@ -82,11 +93,12 @@ def volume_metrics(
 ) -> dict[str, float]:
     """All of ``METRIC_FUNCS`` for one volume pair ``(S, H, W)``: ``{"nmse": ..., "psnr": ...,
     "ssim": ..., "ssim_head": ...}``; ``maxval`` goes to the metrics that take a data range."""
+    means, maps = ssim_maps(gt, pred, maxval)  # once for both SSIMs: the slowest metric by far
     return {
         "nmse": nmse(gt, pred),
         "psnr": psnr(gt, pred, maxval),
-        "ssim": ssim(gt, pred, maxval),
-        "ssim_head": ssim_head(gt, pred, maxval),
+        "ssim": _mean_ssim(means),
+        "ssim_head": _head_ssim(maps, head_mask(gt)),
     }
 
 

@@ -20,7 +20,9 @@ def final_table(metrics: list[dict], sites: list[str], method: str, baseline: st
     val = [r for r in metrics if r.get("split") == "val" and "psnr" in r]
     trained = [r for r in val if r["model"] != baseline]
     last = max((r["round"] for r in trained), default=None)
-    columns = [("psnr", 2), ("ssim", 4)] + ([("ssim_head", 4)] if any("ssim_head" in r for r in val) else [])
+    columns = [("psnr", 2, "PSNR"), ("ssim", 4, "SSIM")]
+    if any("ssim_head" in r for r in val):
+        columns.append(("ssim_head", 4, "head SSIM"))
     rows = []
     for site in sites:
         # A site scored in parts (synthesis' translations, the `task` column) has a line per part.
@@ -28,12 +30,14 @@ def final_table(metrics: list[dict], sites: list[str], method: str, baseline: st
             here = [r for r in val if r["site"] == site and r.get("task", "") == part]
             zf = [r for r in here if r["model"] == baseline]
             md = [r for r in here if r["model"] != baseline and r["round"] == last]
-            rows.append([f"{site} {part}".strip(), *(_mean(zf, key, digits) for key, digits in columns),
-                         *(_mean(md, key, digits) for key, digits in columns)])
+            rows.append([f"{site} {part}".strip(), *(_mean(zf, key, digits) for key, digits, _ in columns),
+                         *(_mean(md, key, digits) for key, digits, _ in columns)])
     title = f"validation, round {last}" if last is not None else "validation"
-    names = ["SSIM", "head SSIM"][:len(columns) - 1]
-    return f"{title} (PSNR in dB)\n" + format_table(
-        ["site", f"{baseline.replace('_', '-')} PSNR", *names, f"{method} PSNR", *names], rows)
+    labels = [label for _, _, label in columns]
+    header = ["site"]
+    for name in (baseline.replace("_", "-"), method):
+        header += [f"{name} {labels[0]}", *labels[1:]]
+    return f"{title} (PSNR in dB)\n" + format_table(header, rows)
 
 
 def _mean(rows: list[dict], key: str, digits: int) -> str:

@@ -10,9 +10,8 @@ slice (as `utils.metrics.ssim`); inside the head it is the mean of the SSIM map 
 from __future__ import annotations
 
 import numpy as np
-from skimage.metrics import structural_similarity
 
-from utils.metrics import head_mask
+from utils.metrics import head_mask, ssim_maps
 
 
 def unit_range(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -28,14 +27,13 @@ def synthesis_metrics(target: np.ndarray, synthesised: np.ndarray) -> dict[str, 
         raise ValueError(f"expected two volumes (S, H, W) of one shape, got {target.shape} and {synthesised.shape}")
     gt, pred = unit_range(target, target), unit_range(synthesised, target)
     mask = head_mask(gt)
-    per_slice = [structural_similarity(g, p, data_range=1.0, full=True) for g, p in zip(gt, pred)]
-    ssim_maps = np.stack([ssim_map for _, ssim_map in per_slice])
+    means, maps = ssim_maps(gt, pred, 1.0)
     squared_error = (gt - pred) ** 2
     return {
         "psnr": _psnr(squared_error),
-        "ssim": float(np.mean([mean for mean, _ in per_slice])),
+        "ssim": float(np.mean(means)),
         "psnr_head": _psnr(squared_error[mask]) if mask.any() else float("nan"),
-        "ssim_head": float(ssim_maps[mask].mean()) if mask.any() else float("nan"),
+        "ssim_head": float(maps[mask].mean()) if mask.any() else float("nan"),
     }
 
 
