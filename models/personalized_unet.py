@@ -87,6 +87,10 @@ class StyledUnet(Unet):
         return ([[f"down_sample_layers.{i}."] for i in range(n)] + [["conv."]]
                 + [[f"up_transpose_conv.{i}.", f"up_conv.{i}."] for i in range(n)])
 
+    def fastmri_keys(self) -> list[str]:
+        """`Unet.fastmri_keys` without the personalisation blocks."""
+        return [k for k in super().fastmri_keys() if not k.startswith("personal_blocks.")]
+
     def _encode_personal(self, image: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down path and bottleneck, each stage personalised: (latent, skips, shallowest first)."""
         skips = []
@@ -138,6 +142,10 @@ class PersonalizedUnet(StyledUnet):
         super().__init__(in_chans, out_chans, chans, num_pool_layers, drop_prob, norm, latent_dim)
         self.code_size = code_size
         self.mapper = Mapper(code_size, latent_dim)
+
+    def fastmri_keys(self) -> list[str]:
+        """`StyledUnet.fastmri_keys` without the mapper."""
+        return [k for k in super().fastmri_keys() if not k.startswith("mapper.")]
 
     def encode(self, image: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) and code -> the personalised bottleneck output (B, latent_channels, h, w)."""

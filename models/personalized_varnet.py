@@ -47,6 +47,10 @@ class PersonalizedVarNet(VarNet):
         return [[CASCADE_UNET.format(c) + p for c, stages in enumerate(per_cascade) for p in stages[i]]
                 for i in range(len(per_cascade[0]))]
 
+    def fastmri_keys(self) -> list[str]:
+        """`VarNet.fastmri_keys` without the mapper and the cascades' personalisation blocks."""
+        return [k for k in super().fastmri_keys() if not k.startswith("mapper.") and ".personal_blocks." not in k]
+
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
                 num_low_frequencies: int | torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:
         """Complex ``(B, C, H, W)`` k-space, bool ``(B, 1, 1, W)`` mask, ACS widths, code -> real

@@ -210,6 +210,11 @@ class Unet(nn.Module):
         latent, skips = self._encode(image)
         return self._decode(latent, skips)
 
+    def fastmri_keys(self) -> list[str]:
+        """The state_dict keys that fastMRI's U-Net has: all of them. A subclass that adds blocks
+        leaves those out; `load_pretrained` fills these keys and the added blocks keep their init."""
+        return list(self.state_dict())
+
 
 def _read_checkpoint(path: Path, prefix: str = "unet.") -> dict[str, torch.Tensor]:
     """The state_dict stored in ``path``: raw, or under "state_dict" (Lightning: the keys under the
@@ -273,7 +278,8 @@ def pretrained_architecture(path: str | Path) -> dict[str, object] | None:
 
 
 def load_pretrained(model: Unet, path: str | Path) -> None:
-    """Load fastMRI-format U-Net weights from ``path`` into ``model`` (strictly: all keys, all shapes).
+    """Load fastMRI-format U-Net weights from ``path`` into ``model`` (strictly: all keys, all shapes;
+    a personalised model's added blocks, outside `Unet.fastmri_keys`, keep their init).
 
     The file is read with ``torch.load(weights_only=True)`` and may hold a raw state_dict or a dict
     with it under "state_dict" (a Lightning checkpoint, whose "unet." key prefix is stripped).
@@ -284,10 +290,11 @@ def load_pretrained(model: Unet, path: str | Path) -> None:
     """
     path = Path(path)
     state = _read_checkpoint(path)
-    expected = model.state_dict()
+    full = model.state_dict()
+    expected = {k: full[k] for k in model.fastmri_keys()}
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if set(state) == set(expected) and not mismatched:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=len(expected) == len(full))
         return
 
     found = _architecture(state)

@@ -273,6 +273,11 @@ class VarNet(nn.Module):
             kspace_pred = cascade(kspace_pred, masked_kspace, mask, sens_maps, *style)
         return rss(ifft2c(kspace_pred), dim=1)
 
+    def fastmri_keys(self) -> list[str]:
+        """The state_dict keys that fastMRI's VarNet has: all of them. A subclass that adds blocks
+        leaves those out; `load_pretrained_varnet` fills these keys and the added blocks keep their init."""
+        return list(self.state_dict())
+
 
 def _unet_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, object] | None:
     """The U-Net constructor arguments of the keys under ``prefix``; None if they are no U-Net."""
@@ -302,7 +307,8 @@ def pretrained_varnet_architecture(path: str | Path) -> dict[str, int] | None:
 
 
 def load_pretrained_varnet(model: VarNet, path: str | Path) -> None:
-    """Load fastMRI-format VarNet weights from ``path`` into ``model`` (strictly: all keys, all shapes).
+    """Load fastMRI-format VarNet weights from ``path`` into ``model`` (strictly: all keys, all
+    shapes; a personalised model's added blocks, outside `VarNet.fastmri_keys`, keep their init).
 
     The file is read with ``torch.load(weights_only=True)`` and may hold a bare
     ``fastmri.models.VarNet`` state_dict or a Lightning checkpoint of fastMRI's VarNetModule (a
@@ -316,10 +322,11 @@ def load_pretrained_varnet(model: VarNet, path: str | Path) -> None:
     """
     path = Path(path)
     state = _read_checkpoint(path, prefix="varnet.")
-    expected = model.state_dict()
+    full = model.state_dict()
+    expected = {k: full[k] for k in model.fastmri_keys()}
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if set(state) == set(expected) and not mismatched:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=len(expected) == len(full))
         return
 
     found = _varnet_architecture(state)

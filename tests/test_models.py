@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.discriminator import LatentDiscriminator, pool_latent
+from models.personalized_unet import PersonalizedUnet
 from models.unet import Unet, load_pretrained
 from utils.errors import CheckpointError
 
@@ -116,6 +117,27 @@ def test_load_pretrained_reads_a_fastmri_state_dict(tmp_path: Path) -> None:
     image = torch.randn(1, 1, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(model(image), ref(image))
+
+
+def test_load_pretrained_fills_a_personalised_unet_and_keeps_its_blocks(tmp_path: Path) -> None:
+    """--strategy pfl --pretrained: every fastMRI key comes from the file, the mapper and the
+    personalisation blocks keep their init; a missing U-Net key is still refused."""
+    source = Unet(chans=4, num_pool_layers=2)
+    torch.save(source.state_dict(), tmp_path / "unet.pt")
+    model = PersonalizedUnet(code_size=3, chans=4, num_pool_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_pretrained(model, tmp_path / "unet.pt")
+    after = model.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(after[key], value)
+    added = set(after) - set(source.state_dict())
+    assert added and all(k.startswith(("mapper.", "personal_blocks.")) for k in added)
+    for key in added:
+        assert torch.equal(after[key], before[key])
+    partial = {k: v for k, v in source.state_dict().items() if k != "conv.layers.0.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="partial.pt"):
+        load_pretrained(PersonalizedUnet(code_size=3, chans=4, num_pool_layers=2), tmp_path / "partial.pt")
 
 
 def test_load_pretrained_reads_a_lightning_checkpoint(tmp_path: Path) -> None:

@@ -184,6 +184,22 @@ def test_pfl_personalises_on_its_own_and_an_unseen_site(tiny_root, tmp_path):
     assert val == {("F", "F"), ("B", "B"), ("F", "H"), ("B", "H")}
 
 
+def test_pfl_starts_from_fastmri_weights_with_fresh_personalisation_blocks(tiny_root, tmp_path, monkeypatch):
+    weights = Unet(chans=4, num_pool_layers=2).state_dict()
+    torch.save(weights, tmp_path / "unet.pt")
+    started: dict[str, torch.Tensor] = {}
+    prepare = STRATEGIES["pfl"].prepare
+
+    def capture_start(self, exp, model, device):
+        started.update({k: v.clone() for k, v in model.state_dict().items()})
+        return prepare(self, exp, model, device)
+
+    monkeypatch.setattr(STRATEGIES["pfl"], "prepare", capture_start)
+    run(tiny_root, tmp_path / "pfl", "--strategy", "pfl", "--train_dataset", "FB", "--pretrained", str(tmp_path / "unet.pt"))
+    assert all(torch.equal(started[k], v) for k, v in weights.items())
+    assert any(k.startswith("personal_blocks.") for k in set(started) - set(weights))
+
+
 def test_local_never_exchanges_weights(tiny_root, tmp_path, monkeypatch):
     initial: dict[str, torch.Tensor] = {}
     build = STRATEGIES["local"].build_model

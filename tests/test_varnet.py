@@ -189,6 +189,20 @@ def test_load_pretrained_varnet_reads_a_fastmri_state_dict(tmp_path: Path) -> No
         torch.testing.assert_close(model(kspace, mask), run_fastmri(reference, kspace, mask), rtol=0, atol=1e-5)
 
 
+def test_load_pretrained_varnet_fills_a_personalised_varnet_and_keeps_its_blocks(tmp_path: Path) -> None:
+    source = VarNet(**SMALL)
+    torch.save(source.state_dict(), tmp_path / "varnet.pt")
+    model = PersonalizedVarNet(code_size=2, **SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_pretrained_varnet(model, tmp_path / "varnet.pt")
+    after = model.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(after[key], value)
+    for key in set(after) - set(source.state_dict()):
+        assert key.startswith("mapper.") or ".personal_blocks." in key
+        assert torch.equal(after[key], before[key])
+
+
 def test_load_pretrained_varnet_reads_a_lightning_checkpoint_and_ignores_the_loss_buffer(tmp_path: Path) -> None:
     source = VarNet(**SMALL)
     state = {"varnet." + k: v for k, v in source.state_dict().items()}
