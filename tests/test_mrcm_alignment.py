@@ -3,8 +3,8 @@ latents of the source sites end closer to the target's than under FL-MR (the `do
 metrics.csv, MMD^2 between pooled bottleneck latents on validation slices).
 
 Measured with these flags (synthetic sites at 64 x 64, 8-channel U-Net, 30 rounds, lr 3e-4 so the
-discriminator runs at 3e-3), mean gap over rounds 26-30, FL-MR vs FL-MRCM: 0.348 vs 0.173 (seed 0),
-0.308 vs 0.257 (seed 1), 0.316 vs 0.261 (seed 2).
+discriminator runs at 3e-3; generator version 5), mean gap over rounds 26-30, FL-MR vs FL-MRCM:
+0.544 vs 0.290 (seed 0), 0.503 vs 0.291 (seed 1), 0.573 vs 0.245 (seed 2).
 """
 from __future__ import annotations
 
