@@ -290,12 +290,10 @@ def load_pretrained(model: Unet, path: str | Path) -> None:
     """
     path = Path(path)
     state = _read_checkpoint(path)
-    full = model.state_dict()
-    expected = {k: full[k] for k in model.fastmri_keys()}
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if set(state) == set(expected) and not mismatched:
-        model.load_state_dict(state, strict=len(expected) == len(full))
+    refused = load_fastmri_part(model, state)
+    if refused is None:
         return
+    expected, mismatched = refused
 
     found = _architecture(state)
     ours = _architecture(expected)
@@ -307,6 +305,20 @@ def load_pretrained(model: Unet, path: str | Path) -> None:
         advice = f"; run with {flags}" if flags else ""
         raise CheckpointError(f"{path}: weights are for a U-Net with {theirs}, this model has {mine}{advice}")
     raise key_mismatch(path, state, expected, mismatched, "U-Net")
+
+
+def load_fastmri_part(model: nn.Module, state: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """Load ``state`` into the model's `fastmri_keys` when it holds exactly those keys at their
+    shapes (None: loaded; the other keys keep their init). Else, for the error: the fastMRI part of
+    the model's state_dict and the keys whose shapes differ."""
+    full = model.state_dict()
+    expected = {k: full[k] for k in model.fastmri_keys()}
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if set(state) == set(expected) and not mismatched:
+        model.load_state_dict(state, strict=len(expected) == len(full))
+        return None
+    return expected, mismatched
 
 
 def key_mismatch(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

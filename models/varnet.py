@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data.transforms import fft2c, ifft2c, rss
-from models.unet import Unet, _architecture, _read_checkpoint, key_mismatch
+from models.unet import Unet, _architecture, _read_checkpoint, key_mismatch, load_fastmri_part
 from utils.errors import CheckpointError
 
 # The command-line flag (options.py) that sets each VarNet constructor argument.
@@ -322,12 +322,10 @@ def load_pretrained_varnet(model: VarNet, path: str | Path) -> None:
     """
     path = Path(path)
     state = _read_checkpoint(path, prefix="varnet.")
-    full = model.state_dict()
-    expected = {k: full[k] for k in model.fastmri_keys()}
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if set(state) == set(expected) and not mismatched:
-        model.load_state_dict(state, strict=len(expected) == len(full))
+    refused = load_fastmri_part(model, state)
+    if refused is None:
         return
+    expected, mismatched = refused
 
     found = _varnet_architecture(state)
     ours = _varnet_architecture(expected)
